@@ -1,0 +1,268 @@
+"""Read Hugging Face checkpoints lazily, one tensor at a time, without torch.
+
+Two layouts are read: `*.safetensors` (sharded or not) and PyTorch `pytorch_model*.bin` zip
+checkpoints. The `.bin` files are pickles; they are read with a restricted unpickler that knows
+only the globals a tensor checkpoint needs and refuses every other one before it can run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CheckpointError
+
+# safetensors dtype tag -> (our name, numpy dtype holding the raw bits)
+_ST_DTYPES = {
+    "F32": ("float32", np.float32),
+    "F16": ("float16", np.float16),
+    "BF16": ("bfloat16", np.uint16),
+}
+# torch storage class name -> (our name, numpy dtype holding the raw bits)
+_TORCH_STORAGES = {
+    "FloatStorage": ("float32", np.float32),
+    "HalfStorage": ("float16", np.float16),
+    "BFloat16Storage": ("bfloat16", np.uint16),
+    "LongStorage": ("int64", np.int64),
+    "IntStorage": ("int32", np.int32),
+    "BoolStorage": ("bool", np.bool_),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def load_config(path: str | Path) -> dict:
+    """Return `config.json` of a model directory, with one-line errors for the usual mistakes."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a model directory)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    return config
+
+
+def _to_mx(raw: np.ndarray, dtype: str) -> mx.array:
+    arr = mx.array(raw)
+    return arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    # safetensors: byte range; bin: storage key, element offset and strides
+    start: int = 0
+    end: int = 0
+    storage: str = ""
+    offset: int = 0
+    stride: tuple[int, ...] = ()
+
+
+class Checkpoint:
+    """A local HF checkpoint directory, read one tensor at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = load_config(self.path)
+        self._entries: dict[str, _Entry] = {}
+        st_files = sorted(self.path.glob("*.safetensors"))
+        bin_files = sorted(self.path.glob("pytorch_model*.bin"))
+        if st_files:
+            for f in st_files:
+                self._entries.update(_safetensors_entries(f))
+        elif bin_files:
+            for f in bin_files:
+                self._entries.update(_bin_entries(f))
+        else:
+            raise CheckpointError(
+                f"{self.path}: no weight files (*.safetensors or pytorch_model*.bin)"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> str:
+        return self._entries[name].dtype
+
+    def load(self, name: str) -> mx.array:
+        """Read one tensor in its stored dtype."""
+        e = self._entries[name]
+        if e.storage:
+            return _to_mx(_bin_tensor(e), e.dtype)
+        np_dtype = _ST_DTYPES[_st_tag(e.dtype)][1]
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            buf = f.read(e.end - e.start)
+        if len(buf) != e.end - e.start:
+            raise CheckpointError(f"{e.file}: truncated: tensor {name} ends past the end of file")
+        raw = np.frombuffer(buf, dtype=np_dtype).reshape(e.shape)
+        return _to_mx(raw, e.dtype)
+
+    def load_all(self) -> dict[str, mx.array]:
+        return {k: self.load(k) for k in self._entries}
+
+
+def _st_tag(dtype: str) -> str:
+    return {v[0]: k for k, v in _ST_DTYPES.items()}[dtype]
+
+
+def _safetensors_entries(file: Path) -> dict[str, _Entry]:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{file}: not a safetensors file (bad header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: not a safetensors file (header is not JSON)") from None
+    entries = {}
+    base = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        tag = info.get("dtype")
+        if tag not in _ST_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {name} has dtype {tag}; supported: {', '.join(_ST_DTYPES)}"
+            )
+        start, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        itemsize = np.dtype(_ST_DTYPES[tag][1]).itemsize
+        if end - start != int(np.prod(shape, dtype=np.int64)) * itemsize or base + end > size:
+            raise CheckpointError(f"{file}: tensor {name}: offsets disagree with shape or file size")
+        entries[name] = _Entry(file, _ST_DTYPES[tag][0], shape, base + start, base + end)
+    return entries
+
+
+# --- PyTorch .bin (zip + pickle) without torch ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: str
+    np_dtype: type
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    kind: _StorageType
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_args, **_kwargs):
+    return ("tensor", storage, int(offset), tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, *_args, **_kwargs):
+    return data
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Knows only the globals of a tensor state dict; any other global is refused unrun."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    }
+
+    def __init__(self, file, source: Path):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module == "torch" and name in _TORCH_STORAGES:
+            return _StorageType(*_TORCH_STORAGES[name])
+        raise CheckpointError(
+            f"{self.source}: refused: the pickle references {module}.{name}, which is not part "
+            "of a tensor checkpoint (convert it to safetensors, or use a checkpoint you trust)"
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+            raise CheckpointError(f"{self.source}: unsupported persistent id in pickle")
+        kind = pid[1]
+        if not isinstance(kind, _StorageType):
+            raise CheckpointError(f"{self.source}: unsupported storage type {kind!r}")
+        return _StorageRef(str(pid[2]), kind)
+
+
+def _bin_entries(file: Path) -> dict[str, _Entry]:
+    if not zipfile.is_zipfile(file):
+        raise CheckpointError(
+            f"{file}: not a zip-format PyTorch checkpoint (legacy .bin files are not supported; "
+            "re-save with torch>=1.6 or convert to safetensors)"
+        )
+    with zipfile.ZipFile(file) as zf:
+        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise CheckpointError(f"{file}: no data.pkl inside the zip")
+        prefix = pkl[0][: -len("data.pkl")]
+        with zf.open(pkl[0]) as f:
+            try:
+                state = _RestrictedUnpickler(f, file).load()
+            except CheckpointError:
+                raise
+            except Exception as e:  # a malformed pickle: one line, not a traceback
+                raise CheckpointError(f"{file}: unreadable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a state dict of tensors")
+    entries = {}
+    for name, t in state.items():
+        if not (isinstance(t, tuple) and t and t[0] == "tensor"):
+            continue  # e.g. metadata integers
+        _, storage, offset, shape, stride = t
+        if storage.kind.dtype not in ("float32", "float16", "bfloat16"):
+            continue
+        entries[name] = _Entry(
+            file, storage.kind.dtype, shape,
+            storage=f"{prefix}data/{storage.key}", offset=offset, stride=stride,
+        )
+    return entries
+
+
+def _bin_tensor(e: _Entry) -> np.ndarray:
+    np_dtype = np.dtype(_TORCH_STORAGES[
+        {"float32": "FloatStorage", "float16": "HalfStorage", "bfloat16": "BFloat16Storage"}[e.dtype]
+    ][1])
+    with zipfile.ZipFile(e.file) as zf:
+        buf = zf.read(e.storage)
+    flat = np.frombuffer(buf, dtype=np_dtype)
+    count = int(np.prod(e.shape, dtype=np.int64))
+    last = e.offset + sum((s - 1) * st for s, st in zip(e.shape, e.stride)) if count else e.offset
+    if count and last >= flat.size:
+        raise CheckpointError(f"{e.file}: tensor points past the end of its storage")
+    view = np.lib.stride_tricks.as_strided(
+        flat[e.offset:], shape=e.shape, strides=[s * np_dtype.itemsize for s in e.stride]
+    )
+    return np.ascontiguousarray(view)
