@@ -1,11 +1,12 @@
 """Shared test paths. Tests may read ../shared (CI lays it beside the clone); the program may not."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("MLX_FLASH_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 CORPUS = SHARED / "corpus"
 EMBEDDED = ROOT / "models" / "opt-tiny"
