@@ -1,0 +1,271 @@
+"""HF checkpoint -> flash model directory (docs/FORMAT.md), streamed one layer at a time.
+
+At most one layer of FFN weights (plus one tensor in flight and a 32 MiB record buffer) is held in
+memory, so a model larger than RAM converts. The output is built in `DIR.partial` and renamed at the
+end; any failure, Ctrl-C included, removes the partial directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from . import format as fmt
+from . import hub
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, FlashError
+from .platform import evict_from_page_cache
+
+DEFAULT_MODELS_DIR = Path("models")
+RECORD_CHUNK_BYTES = 32 << 20  # records are assembled and written this many bytes at a time
+EVICT_EVERY_BYTES = 256 << 20  # flush written data and drop it from the page cache this often
+
+
+def default_out(source: str | Path) -> Path:
+    """`models/<name>-flash` for a repo id `owner/name` or a local directory `.../name`."""
+    path = Path(source).expanduser()
+    name = path.resolve().name if path.is_dir() else str(source).rstrip("/").split("/")[-1]
+    return DEFAULT_MODELS_DIR / f"{name}-flash"
+
+
+def convert(
+    source: str,
+    out: str | Path | None = None,
+    dtype: str | None = None,
+    align: int = fmt.DEFAULT_ALIGNMENT,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert an OPT or Llama checkpoint (local HF dir or Hub repo id) into a flash model dir.
+
+    `dtype` defaults to the dtype of the source FFN weights; `align` is the record alignment in
+    bytes. An existing output directory is replaced only with `force`. Returns the output path.
+    """
+    if dtype is not None and dtype not in fmt.DTYPES:
+        raise FlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(fmt.DTYPES)}")
+    try:
+        fmt.check_alignment(align)
+    except ValueError as e:
+        raise FlashError(f"--align: {e}") from None
+    out = Path(out) if out is not None else default_out(source)
+    _check_out(out, force)  # before any download
+    local = hub.resolve(source, progress=progress)
+    if fmt.is_flash_dir(local):
+        raise FlashError(f"{local}: already a flash model directory; convert the HF checkpoint")
+    if out.resolve() == local.resolve():
+        raise FlashError(f"{out}: the output would replace the source checkpoint; pick another --out")
+    ckpt = Checkpoint(local)
+    plan = _plan(ckpt, dtype)
+
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # left over from a crash (a clean failure removes it)
+    partial.mkdir(parents=True)
+    try:
+        _write(ckpt, plan, partial, str(source), align, progress)
+        _check_out(out, force)
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise FlashError(f"{out}: already exists; pass --force to replace it")
+    if out.exists() and not fmt.is_flash_dir(out):
+        raise FlashError(f"{out}: exists and is not a flash model directory; refusing to replace it")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    architecture: str
+    dtype: str
+    d_model: int
+    ffn_dim: int
+    num_layers: int
+    names: dict[str, str]  # normalised HF name -> name in the checkpoint files
+    biases: frozenset[str]  # record parts that have a bias
+    ffn: frozenset[str]  # normalised names of the FFN weight matrices (go to ffn.bundles)
+
+
+def _normalise(architecture: str, key: str) -> str:
+    if architecture == "opt" and key.startswith("decoder."):
+        return "model." + key
+    return key
+
+
+def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
+    """Check config and tensor shapes against each other before anything is written."""
+    config = ckpt.config
+    arch = config.get("model_type")
+    if arch not in fmt.ARCHITECTURES:
+        raise FlashError(f"{ckpt.path}: model_type {arch!r} is not supported; supported: "
+                         f"{', '.join(fmt.ARCHITECTURES)}")
+    dims = []
+    for key in fmt.CONFIG_DIMS[arch]:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"{ckpt.path}/config.json: {key} is {value!r}, expected a positive int")
+        dims.append(value)
+    d, ffn, layers = dims
+    names = {_normalise(arch, k): k for k in ckpt.keys()}
+    parts = fmt.make_parts(arch, d)
+    biases = frozenset(p.name for p in parts if p.tensor_name(0)[: -len("weight")] + "bias" in names)
+    parts = fmt.make_parts(arch, d, biases)
+    ffn_names = set()
+    for layer in range(layers):
+        for p in parts:
+            want = {p.tensor_name(layer): (ffn, d) if p.axis == "row" else (d, ffn)}
+            if p.bias:
+                want[p.bias_name(layer)] = (ffn,) if p.axis == "row" else (d,)
+            for name, shape in want.items():
+                if name not in names:
+                    raise CheckpointError(f"{ckpt.path}: tensor {name} is missing")
+                got = ckpt.shape(names[name])
+                if tuple(got) != shape:
+                    raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {list(got)}; "
+                                          f"config.json implies {list(shape)}")
+            ffn_names.add(p.tensor_name(layer))
+    src = ckpt.dtype(names[parts[0].tensor_name(0)])
+    target = dtype or src
+    if target not in fmt.DTYPES:
+        raise FlashError(f"{ckpt.path}: FFN weights are {src}; pass --dtype float16|bfloat16|float32")
+    return _Plan(arch, target, d, ffn, layers, names, biases, frozenset(ffn_names))
+
+
+def _storage(arr: mx.array, dtype: str) -> np.ndarray:
+    """`arr` cast to `dtype`, as numpy holding the bits (uint16 for 16-bit floats)."""
+    arr = arr.astype(fmt.MX_DTYPES[dtype])
+    if fmt.DTYPES[dtype][0] == 2:
+        arr = arr.view(mx.uint16)
+    out = np.array(arr)
+    return out.astype(fmt.DTYPES[dtype][3], copy=False)  # little-endian on every supported host
+
+
+class _Sink:
+    """A file being written, flushed and dropped from the page cache every EVICT_EVERY_BYTES.
+
+    Page cache is charged to the writer's memory; dirty pages cannot be reclaimed until written
+    back, so a long conversion under a memory limit needs the periodic fsync.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.pending = path, open(path, "wb"), 0
+
+    def write(self, data) -> None:
+        n = self.f.write(data)
+        self.pending += n
+        if self.pending >= EVICT_EVERY_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        self.f.flush()
+        evict_from_page_cache(self.path)  # fsync + POSIX_FADV_DONTNEED where the OS has it
+        self.pending = 0
+
+    def close(self) -> int:
+        self.flush()
+        size = self.f.tell()
+        self.f.close()
+        return size
+
+
+def _write(ckpt: Checkpoint, plan: _Plan, out: Path, source: str, align: int, progress: bool):
+    resident = {n: (plan.dtype if ckpt.dtype(k) in fmt.DTYPES else ckpt.dtype(k), ckpt.shape(k))
+                for n, k in sorted(plan.names.items()) if n not in plan.ffn}
+    m = fmt.new_manifest(
+        out, plan.architecture, plan.dtype, plan.d_model, plan.ffn_dim, plan.num_layers,
+        alignment=align, biases=set(plan.biases), resident_tensors=resident,
+        source=source, created_by=_created_by(),
+    )
+    name = Path(source).name or source
+    _write_bundles(ckpt, plan, m, desc=f"convert {name}", progress=progress)
+    resident_bytes = _write_resident(ckpt, plan, m, progress)
+    m = dataclasses.replace(m, resident_bytes=resident_bytes)
+    _copy_side_files(ckpt.path, out)
+    fmt.write_manifest(m)
+    fmt.read_manifest(out)  # the output must pass its own reader
+
+
+def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str, progress: bool):
+    sink = _Sink(m.ffn_path)
+    try:
+        sink.write(m.ffn_header())
+        chunk = max(1, RECORD_CHUNK_BYTES // m.record_bytes)
+        for layer in tqdm(range(m.num_layers), desc=desc, unit="layer", disable=not progress):
+            mats = []  # per part (ffn, d) in storage dtype; a column part is a transposed view
+            for p in m.parts:
+                mat = _storage(ckpt.load(plan.names[p.tensor_name(layer)]), m.dtype)
+                mats.append(mat.T if p.axis == "column" else mat)
+            for start in range(0, m.ffn_dim, chunk):
+                stop = min(m.ffn_dim, start + chunk)
+                records = np.zeros((stop - start, m.record_values), m.np_dtype)  # zero padding
+                for p, mat in zip(m.parts, mats, strict=True):
+                    records[:, p.offset : p.offset + p.length] = mat[start:stop]
+                sink.write(memoryview(records).cast("B"))
+            del mats, records
+            mx.clear_cache()
+    finally:
+        size = sink.close()
+    if size != m.ffn_bytes:
+        raise FlashError(f"{m.ffn_path}: wrote {size} bytes, expected {m.ffn_bytes} (internal error)")
+
+
+def _write_resident(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, progress: bool) -> int:
+    """Stream the resident tensors into a safetensors file, one tensor in memory at a time."""
+    header, pos = {"__metadata__": {"format": "mlx"}}, 0
+    for name, (dtype, shape) in m.resident_tensors.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * fmt.ITEMSIZE[dtype]
+        header[name] = {"dtype": fmt.ST_NAME[dtype], "shape": list(shape),
+                        "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    sink = _Sink(m.resident_path)
+    try:
+        sink.write(len(raw).to_bytes(8, "little") + raw)
+        items = tqdm(m.resident_tensors.items(), desc="resident", unit="tensor",
+                     disable=not progress, leave=False)
+        for name, (dtype, _) in items:
+            arr = ckpt.load(plan.names[name])
+            data = _storage(arr, dtype) if dtype in fmt.DTYPES else np.array(arr)
+            sink.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            del arr, data
+    finally:
+        size = sink.close()
+    mx.clear_cache()
+    return size
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    """config.json unchanged, and the tokenizer files the runtime loads."""
+    shutil.copyfile(src / "config.json", out / "config.json")
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != "config.json" and any(
+                fnmatch.fnmatch(f.name, p) for p in hub.META_PATTERNS):
+            shutil.copyfile(f, out / f.name)
+
+
+def _created_by() -> str:
+    try:
+        return f"mlx-flash {metadata.version('mlx-flash')}"
+    except metadata.PackageNotFoundError:
+        return "mlx-flash"
