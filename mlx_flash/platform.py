@@ -109,7 +109,18 @@ def process_read_bytes() -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in bytes.
+
+    Linux: VmHWM of /proc/self/status (ru_maxrss survives exec, so a child of a big parent would
+    report the parent's peak). Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if IS_MACOS else peak * 1024
 
