@@ -1,0 +1,326 @@
+"""Generate from a flash model dir: resident weights in memory, FFN neurons read per token.
+
+`load(path, memory=..., mode=...)` returns an mlx-lm compatible model whose MLPs are `FlashMLP`s:
+per decode token and layer, the active neurons are found (oracle or predictor), the missing ones
+are read from `ffn.bundles` straight into the layer's `NeuronCache`, and the FFN runs as one dense
+matmul over the cache's contiguous rows. See DESIGN.md "Decode step".
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import NeuronCache
+from .checkpoint import load_config
+from .errors import FlashError
+from .format import Manifest, read_manifest
+from .loader import build_model, load_dense, load_tokenizer
+from .memory import STREAM_CHUNK_BYTES, Budget, plan_budget
+from .storage import FlashReader, ReadStats, aligned_empty
+
+MODES = ("auto", "dense", "naive", "oracle", "predicted")
+ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "gelu": nn.gelu}
+DEFAULT_WINDOW = 4
+DEFAULT_THREADS = 16
+_MLP_BIAS = re.compile(r"\.layers\.(\d+)\.mlp\.(\w+)\.bias$")
+
+
+@dataclass
+class FlashStats:
+    """Counters of one model: decode tokens give the per-token figures; prefill is kept apart."""
+
+    tokens: int = 0  # decode tokens (layer-0 decode calls)
+    timed_tokens: int = 0  # of those, the ones whose wall time is known (next token started)
+    token_s: float = 0.0
+    io: ReadStats = field(default_factory=ReadStats)
+    cache_s: float = 0.0
+    predict_s: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefill_tokens: int = 0
+    prefill_io: ReadStats = field(default_factory=ReadStats)
+    last_token_start: float | None = None
+
+    def per_token(self) -> dict:
+        """Figures per decode token (what `--json` and `bench` print)."""
+        n = max(self.tokens, 1)
+        io_ms, cache_ms = 1000 * self.io.seconds / n, 1000 * self.cache_s / n
+        predict_ms = 1000 * self.predict_s / n
+        token_ms = 1000 * self.token_s / self.timed_tokens if self.timed_tokens else None
+        looked_up = self.hits + self.misses
+        return {
+            "decode_tokens": self.tokens,
+            "flash_bytes_per_token": round(self.io.bytes / n),
+            "read_requests_per_token": round(self.io.requests / n, 2),
+            "read_gb_per_s": round(self.io.gb_per_s, 3),
+            "io_ms_per_token": round(io_ms, 3),
+            "cache_ms_per_token": round(cache_ms, 3),
+            "predict_ms_per_token": round(predict_ms, 3),
+            "compute_ms_per_token": None if token_ms is None
+            else round(max(token_ms - io_ms - cache_ms - predict_ms, 0.0), 3),
+            "token_ms": None if token_ms is None else round(token_ms, 3),
+            "tokens_per_s": None if token_ms is None else round(1000 / token_ms, 2),
+            "cache_hit_rate": round(self.hits / looked_up, 4) if looked_up else None,
+            "evictions_per_token": round(self.evictions / n, 2),
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_flash_bytes": self.prefill_io.bytes,
+        }
+
+
+class FlashRuntime:
+    """What the FlashMLPs of one model share: the manifest, the reader, buffers and counters."""
+
+    def __init__(self, manifest: Manifest, mode: str, window: int, threads: int, act: str):
+        self.manifest = manifest
+        self.mode = mode
+        self.window = window
+        self.act = ACTIVATIONS[act]
+        self.relu = act == "relu"
+        self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads)
+        self.stats = FlashStats()
+        rows = max(1, min(manifest.ffn_dim, STREAM_CHUNK_BYTES // manifest.record_bytes))
+        self.chunk, self._chunk_np = aligned_empty(rows, manifest.record_bytes)  # (rows, record)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class _Biases:
+    """FFN biases of one layer, kept out of the module tree (they are not loadable weights)."""
+
+    def __init__(self, by_module: dict[str, mx.array]):
+        self.by_module = by_module
+
+
+class FlashMLP(nn.Module):
+    """An MLP whose weights live in `ffn.bundles`; see the module docstring."""
+
+    def __init__(self, rt: FlashRuntime, layer: int, capacity: int, biases: dict, oracle=None):
+        super().__init__()
+        m = rt.manifest
+        self._rt, self._layer = rt, layer
+        self._offset = m.layer_offset(layer)
+        self._cache = NeuronCache(capacity, m.record_bytes, m.ffn_dim)
+        self._biases = _Biases(biases)
+        self._oracle = oracle  # (W_in (ffn, d), bias or None): dense up/gate for oracle mode
+        self._step = 0
+        d = m.d_model
+        self._slices = [(p.name, p.offset, p.offset + d) for p in m.parts]
+
+    # -- the FFN over a block of records -------------------------------------------------------
+
+    def _ffn(self, x: mx.array, records: mx.array, ids: mx.array | None) -> mx.array:
+        """FFN of x (n_tok, d) over `records` (n, record_values) holding neurons `ids`."""
+        rt, b = self._rt, self._biases.by_module
+        w = {name: records[:, lo:hi] for name, lo, hi in self._slices}  # each (n, d)
+
+        def bias(name):
+            v = b.get(name)
+            if v is None:
+                return None
+            return v if ids is None else v[ids]
+
+        if rt.manifest.architecture == "opt":
+            h = x @ w["fc1"].T
+            if (b1 := bias("fc1")) is not None:
+                h = h + b1
+            return rt.act(h) @ w["fc2"]
+        gate, up = x @ w["gate_proj"].T, x @ w["up_proj"].T
+        if (bg := bias("gate_proj")) is not None:
+            gate, up = gate + bg, up + bias("up_proj")
+        return (rt.act(gate) * up) @ w["down_proj"]
+
+    def _out_bias(self) -> mx.array | None:
+        b = self._biases.by_module
+        return b.get("fc2") if "fc2" in b else b.get("down_proj")
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Host sync first: every graph that read this layer's buffers is evaluated, so the cache
+        # and the stream buffer may be written in place below (DESIGN.md, "Decode step").
+        mx.eval(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        rt = self._rt
+        if shape[1] > 1 or rt.mode == "naive":
+            y = self._streamed(x2, count_as_prefill=shape[1] > 1)
+            if shape[1] > 1 and rt.mode != "naive":
+                self._seed_window(x2[-rt.window :])
+        else:
+            y = self._decode(x2)
+        if (b2 := self._out_bias()) is not None:
+            y = y + b2
+        return y.reshape(shape)
+
+    def _streamed(self, x: mx.array, count_as_prefill: bool) -> mx.array:
+        """Whole-layer FFN with large sequential reads through the shared chunk buffer."""
+        rt, m = self._rt, self._rt.manifest
+        rows = rt.chunk.shape[0]
+        before = rt.reader.snapshot()
+        y = None
+        for start in range(0, m.ffn_dim, rows):
+            n = min(rows, m.ffn_dim - start)
+            rt.reader.read_range(m.neuron_offset(self._layer, start), n * m.record_bytes,
+                                 rt._chunk_np[:n])
+            part = self._ffn(x, rt.chunk[:n].view(m.mx_dtype), mx.arange(start, start + n))
+            y = part if y is None else y + part
+            mx.eval(y)  # the chunk buffer is overwritten next
+        io = rt.reader.delta(before)
+        if count_as_prefill:
+            rt.stats.prefill_io = rt.stats.prefill_io + io
+            if self._layer == 0:
+                rt.stats.prefill_tokens += x.shape[0]
+                rt.stats.last_token_start = None  # a new prompt: the gap is not a token
+        else:
+            self._count_decode(io, 0.0, 0.0, 0, 0, 0)
+        return y
+
+    def _active(self, x: mx.array) -> np.ndarray:
+        """Sorted ids of the neurons active for any row of x (oracle: from the true activation)."""
+        w_in, b_in = self._oracle
+        z = x @ w_in.T
+        if b_in is not None:
+            z = z + b_in
+        if not self._rt.relu:
+            return np.arange(w_in.shape[0])  # no exact zeros: every neuron is active
+        mask = mx.any(z > 0, axis=0)
+        return np.flatnonzero(np.array(mask))  # the one device->host sync of the layer
+
+    def _seed_window(self, x_last: mx.array) -> None:
+        """After prefill, hold the neurons of the last `window` prompt tokens."""
+        for row in range(x_last.shape[0]):
+            self._cache.ensure(self._active(x_last[row : row + 1]), self._step,
+                               self._rt.reader, self._offset)
+            self._step += 1
+        self._cache.slide(self._step - 1, self._rt.window)
+
+    def _decode(self, x: mx.array) -> mx.array:
+        rt = self._rt
+        t0 = time.perf_counter()
+        ids = self._active(x)
+        t1 = time.perf_counter()
+        before = rt.reader.snapshot()
+        stats = self._cache.ensure(ids, self._step, rt.reader, self._offset)
+        self._cache.slide(self._step, rt.window)
+        self._step += 1
+        io = rt.reader.delta(before)
+        cache_s = time.perf_counter() - t1 - io.seconds
+        self._count_decode(io, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted)
+        records = self._cache.weights(rt.manifest.mx_dtype)
+        return self._ffn(x, records, mx.array(self._cache.ids()))
+
+    def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted) -> None:
+        s = self._rt.stats
+        s.io = s.io + io
+        s.predict_s += predict_s
+        s.cache_s += cache_s
+        s.hits += hits
+        s.misses += misses
+        s.evictions += evicted
+        if self._layer == 0:
+            # Layer 0 of token t+1 starts after token t is fully evaluated (the sync above).
+            now = time.perf_counter()
+            if s.last_token_start is not None:
+                s.timed_tokens += 1
+                s.token_s += now - s.last_token_start
+            s.last_token_start = now
+            s.tokens += 1
+
+
+def _mlp_biases(weights: dict[str, mx.array]) -> dict[int, dict[str, mx.array]]:
+    """Pop the FFN biases (sanitized names `...layers.{i}.mlp.{module}.bias`) by layer."""
+    out: dict[int, dict[str, mx.array]] = {}
+    for k in [k for k in weights if _MLP_BIAS.search(k)]:
+        layer, module = _MLP_BIAS.search(k).groups()
+        out.setdefault(int(layer), {})[module] = weights.pop(k)
+    return out
+
+
+def _activation(config: dict) -> str:
+    return config.get("activation_function") or config.get("hidden_act") or "silu"
+
+
+def load(
+    path: str | Path,
+    memory: str | float | int | None = None,
+    mode: str = "auto",
+    window: int = DEFAULT_WINDOW,
+    threads: int = DEFAULT_THREADS,
+    max_context: int | None = None,
+    capacity: int | None = None,
+):
+    """Load a flash model dir as (model, tokenizer) within a memory budget.
+
+    `memory`: bytes (`"8GB"`), a fraction of physical RAM (`0.25`) or of the model (`"50%model"`);
+    default half the RAM. `mode`: `auto` (dense when the model fits the budget, else flash),
+    `dense`, `naive` (whole FFN read per token), `oracle` (exact active set: the reference) or
+    `predicted`. `window`: tokens whose neurons stay cached. `max_context`: tokens of KV cache
+    the budget reserves (default: the model's limit, at most 2048). `capacity` overrides the
+    neuron-cache rows per layer that the budget would give. The model gains `flash_stats()`
+    (per-token figures), `flash_budget` (how memory is spent) and `flash_mode`.
+    """
+    if mode not in MODES:
+        raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if window < 1:
+        raise FlashError(f"window must be >= 1 (got {window})")
+    path = Path(path)
+    config = load_config(path)
+    manifest = read_manifest(path)
+    if max_context is None:
+        max_context = min(2048, config.get("max_position_embeddings") or 2048)
+    budget = plan_budget(manifest, config, memory, max_context)
+    if mode == "dense" or (mode == "auto" and budget.fits_dense):
+        model, tokenizer = load_dense(path)
+        _attach(model, "dense", budget, FlashStats())
+        return model, tokenizer
+    if mode in ("auto", "predicted"):
+        # Predictors come with `mlx-flash calibrate`; until then the exact set stands in.
+        mode = "oracle"
+    if capacity is None:
+        budget.require_flash()
+        capacity = budget.capacity
+    capacity = max(1, min(capacity, manifest.ffn_dim))
+
+    model = build_model(config)
+    weights = model.sanitize(dict(mx.load(str(manifest.resident_path))))
+    biases = _mlp_biases(weights)
+    rt = FlashRuntime(manifest, mode, window, threads, _activation(config))
+    with open(manifest.ffn_path, "rb") as f:
+        for i, layer in enumerate(model.layers):
+            oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
+            layer.mlp = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    model.flash_runtime = rt
+    _attach(model, mode, budget, rt.stats, capacity)
+    return model, load_tokenizer(path)
+
+
+def _attach(model, mode: str, budget: Budget, stats: FlashStats, capacity: int | None = None):
+    model.flash_mode = mode
+    model.flash_budget = budget.as_dict(mode)
+    if capacity is not None:
+        model.flash_budget["capacity"] = capacity
+    model.flash_stats = lambda: stats.per_token() if mode != "dense" else {}
+
+
+def _oracle(m: Manifest, layer: int, biases: dict, f) -> tuple[mx.array, mx.array | None]:
+    """The dense input matrix (ffn, d) of one layer and its bias, for the exact activation."""
+    from .format import read_layer_records, to_mx
+
+    part = m.parts[0]  # fc1 or gate_proj: its sign decides activity
+    records = read_layer_records(m, layer, file=f)
+    return to_mx(records[:, part.offset : part.offset + part.length], m.dtype), biases.get(part.name)
+
+
+__all__ = ["load", "FlashMLP", "FlashStats", "MODES", "Budget"]

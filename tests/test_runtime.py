@@ -1,0 +1,160 @@
+"""The flash runtime against the dense model: exact in oracle mode, honest in its counters."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_flash import platform, runtime
+from mlx_flash.convert import convert
+from mlx_flash.errors import FlashError
+from mlx_flash.loader import load_dense
+
+from .conftest import fixture_path
+
+PROMPT = "The open() function returns a file descriptor. The read() call"
+NEW = 64
+# Above the largest single-token active set of any layer (521 of 1536 for opt-fixture, 736 of
+# 1024 for llama-relu-fixture on this prompt), below what a window of 4 needs in layer 0:
+# eviction happens every token.
+TINY_CAPACITY = {"opt-fixture": 560, "llama-relu-fixture": 760}
+
+
+@pytest.fixture(scope="session")
+def flash_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flash")
+    return {
+        name: convert(str(fixture_path(name)), out=str(root / name), dtype="float32",
+                      align=4096, progress=False)
+        for name in ("opt-fixture", "llama-relu-fixture")
+    }
+
+
+def _greedy_logits(model, tokenizer, n=NEW):
+    """Greedy decode step by step through the KV cache; returns (tokens, logits per step)."""
+    cache = model.make_cache()
+    ids = tokenizer.encode(PROMPT)
+    logits = model(mx.array([ids]), cache=cache)[0, -1]
+    tokens, steps = [], []
+    for _ in range(n):
+        mx.eval(logits)
+        steps.append(np.array(logits))
+        tok = int(mx.argmax(logits))
+        tokens.append(tok)
+        logits = model(mx.array([[tok]]), cache=cache)[0, -1]
+    return tokens, np.stack(steps)
+
+
+@pytest.mark.parametrize("variant", ["window4", "window1", "tiny-capacity"])
+@pytest.mark.parametrize("name", ["opt-fixture", "llama-relu-fixture"])
+def test_oracle_is_exact(flash_dirs, name, variant):
+    path = flash_dirs[name]
+    dense, tok = load_dense(path)
+    kwargs = {"window1": dict(window=1), "tiny-capacity": dict(capacity=TINY_CAPACITY[name])}
+    flash, _ = runtime.load(path, memory="1GB", mode="oracle", **kwargs.get(variant, {}))
+    ref_tokens, ref_logits = _greedy_logits(dense, tok)
+    tokens, logits = _greedy_logits(flash, tok)
+    assert tokens == ref_tokens
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+    stats = flash.flash_stats()
+    assert stats["decode_tokens"] == NEW
+    assert 0 < stats["flash_bytes_per_token"] < flash.flash_budget["dense_ffn"]
+    if variant == "tiny-capacity":
+        assert stats["evictions_per_token"] >= 1
+    else:
+        assert stats["evictions_per_token"] == 0
+
+
+def test_fresh_loads_shrink_with_the_window(flash_dirs):
+    """Windowing must cut reads: k=4 reads fewer bytes per token than k=1 (DESIGN.md table)."""
+    path = flash_dirs["opt-fixture"]
+    per_token = {}
+    for k in (1, 4):
+        model, tok = runtime.load(path, memory="1GB", mode="oracle", window=k)
+        _greedy_logits(model, tok, n=32)
+        per_token[k] = model.flash_stats()["flash_bytes_per_token"]
+    assert per_token[4] < 0.8 * per_token[1]
+
+
+def test_naive_reads_the_whole_ffn_every_token(flash_dirs):
+    path = flash_dirs["opt-fixture"]
+    model, tok = runtime.load(path, memory="1GB", mode="naive")
+    dense, _ = load_dense(path)
+    assert _greedy_logits(model, tok, n=8)[0] == _greedy_logits(dense, tok, n=8)[0]
+    layer_bytes = model.flash_runtime.manifest.layer_bytes
+    assert model.flash_stats()["flash_bytes_per_token"] == 6 * layer_bytes
+
+
+def test_reader_bytes_equal_os_read_bytes(flash_dirs):
+    path = flash_dirs["llama-relu-fixture"]
+    model, tok = runtime.load(path, memory="1GB", mode="oracle")
+    if not model.flash_runtime.reader.direct or platform.process_read_bytes() is None:
+        pytest.skip("needs O_DIRECT and /proc/self/io")
+    assert platform.evict_from_page_cache(path / "ffn.bundles")
+    reader = model.flash_runtime.reader
+    before_os, before = platform.process_read_bytes(), reader.snapshot()
+    _greedy_logits(model, tok, n=16)
+    read_os = platform.process_read_bytes() - before_os
+    assert read_os == reader.delta(before).bytes > 0
+
+
+def test_auto_mode_loads_dense_when_the_model_fits(flash_dirs):
+    model, _ = runtime.load(flash_dirs["opt-fixture"], memory="1GB")
+    assert model.flash_mode == "dense"
+    model, _ = runtime.load(flash_dirs["opt-fixture"], memory="55MB")
+    assert model.flash_mode != "dense" and 0 < model.flash_budget["capacity"] < 1536
+
+
+def test_budget_too_small_says_what_is_needed(flash_dirs):
+    with pytest.raises(FlashError, match=r"too small: resident weights need .* give at least"):
+        runtime.load(flash_dirs["opt-fixture"], memory="10MB", mode="oracle")
+
+
+def test_read_error_surfaces_clearly(flash_dirs, tmp_path):
+    import shutil
+
+    path = shutil.copytree(flash_dirs["opt-fixture"], tmp_path / "m")
+    model, tok = runtime.load(path, memory="1GB", mode="oracle")
+    with open(path / "ffn.bundles", "r+b") as f:  # truncated after load
+        f.truncate(4096 * 10)
+    with pytest.raises(FlashError, match="ffn.bundles"):
+        _greedy_logits(model, tok, n=4)
+
+
+PEAK_RSS_SCRIPT = r"""
+import json, sys
+import mlx.core as mx
+from mlx_flash import platform, runtime
+from mlx_flash.loader import load_tokenizer
+load_tokenizer(sys.argv[1])  # the libraries' own memory (transformers, torch if present)
+base = platform.current_rss_bytes()
+model, tok = runtime.load(sys.argv[1], memory="50%model", mode="oracle", max_context=256)
+cache = model.make_cache()
+logits = model(mx.array([tok.encode("The open() function returns")]), cache=cache)
+for _ in range(48):
+    logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
+    mx.eval(logits)
+oracle = sum(m.mlp._oracle[0].nbytes for m in model.layers)
+print(json.dumps({"base": base, "peak": platform.peak_rss_bytes(), "oracle": oracle,
+                  "budget": model.flash_budget, "stats": model.flash_stats()}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RSS accounting checked on Linux")
+def test_peak_rss_within_budget(tmp_path):
+    """A model whose FFN dominates (like a 7B), random weights with planted ~3% activity."""
+    from tools.make_synthetic import make_synthetic_opt
+
+    src = make_synthetic_opt(tmp_path / "hf", d_model=1024, ffn_dim=8192, layers=2, vocab=512)
+    path = convert(str(src), out=str(tmp_path / "flash"), dtype="float16", align=4096, progress=False)
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    used = r["peak"] - r["base"]
+    overhead = 32 << 20  # load-time transients (one layer of records), MLX temporaries
+    assert used <= r["budget"]["total"] + r["oracle"] + overhead, r
