@@ -13,18 +13,29 @@ import typer
 
 from .errors import FlashError
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="Run language models larger than memory: FFN neurons streamed from flash (LLM in a flash).",
-)
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 # Shared option types
 ModelOpt = Annotated[
     Path | None,
-    typer.Option("--model", "-m", help="Model dir: HF checkpoint or flash dir. Default: the embedded demo model."),
+    typer.Option("--model", "-m", help="HF checkpoint dir or flash dir. Default: the embedded demo model."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option("--memory", help="Memory budget: bytes (8GB, 512MiB), a RAM fraction (0.25) or 50%model. Default 0.5."),
+]
+ModeOpt = Annotated[
+    str,
+    typer.Option("--mode", help="auto (dense if it fits), dense, naive, oracle or predicted."),
+]
+WindowOpt = Annotated[
+    int, typer.Option("--window", min=1, help="Keep the neurons of the last W tokens cached.")
+]
+MaxContextOpt = Annotated[
+    int | None,
+    typer.Option("--max-context", min=16, help="Tokens of KV cache to reserve in the budget."),
+]
 
 
 def friendly(fn):
@@ -37,7 +48,8 @@ def friendly(fn):
         except (FlashError, OSError) as e:
             if os.environ.get("MLX_FLASH_DEBUG") == "1":
                 raise
-            typer.echo(f"error: {e}", err=True)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -52,9 +64,22 @@ def _root():
 
 
 def _model_path(model: Path | None) -> Path:
-    from .generate import DEFAULT_MODEL
+    from .generation import DEFAULT_MODEL
 
     return model if model is not None else DEFAULT_MODEL
+
+
+def _load(model: Path | None, memory, mode, window, max_context):
+    from .api import load
+
+    kwargs = {} if max_context is None else {"max_context": max_context}
+    m, tok = load(_model_path(model), memory=memory, mode=mode, window=window, **kwargs)
+    if getattr(m, "flash_mode", "dense") == "dense" and memory is not None and mode == "auto":
+        typer.echo("note: the whole model fits the memory budget; loaded densely", err=True)
+    if mode in ("auto", "predicted") and getattr(m, "flash_mode", "") == "oracle":
+        typer.echo("note: no predictors in this model dir; the exact oracle picks the neurons "
+                   "(run `mlx-flash calibrate`)", err=True)
+    return m, tok
 
 
 @app.command()
@@ -65,27 +90,83 @@ def generate(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 100,
     temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
+    memory: MemoryOpt = None,
+    mode: ModeOpt = "auto",
+    window: WindowOpt = None,
+    max_context: MaxContextOpt = None,
     as_json: JsonOpt = False,
 ):
     """Generate text from a prompt, streaming it as it is produced."""
-    from . import generate as gen
-    from .loader import load_dense
+    from . import generation as gen
 
-    model_obj, tokenizer = load_dense(_model_path(model))
+    model_obj, tokenizer = _load(model, memory, mode, window, max_context)
     on_text = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     result = gen.generate(
         model_obj, tokenizer, prompt, max_tokens=max_tokens, temp=temp, seed=seed, on_text=on_text
     )
     if as_json:
         typer.echo(json.dumps(result))
+        return
+    typer.echo("")
+    typer.echo(_summary(result["stats"]), err=True)
+
+
+def _summary(s: dict) -> str:
+    parts = [f"{s.get('generation_tokens', 0)} tokens", f"{s.get('tokens_per_s', 0):.1f} tok/s",
+             f"mode {s.get('mode', 'dense')}"]
+    if "flash_bytes_per_token" in s:
+        hit = s.get("cache_hit_rate")
+        parts += [
+            f"flash {s['flash_bytes_per_token'] / 2**20:.2f} MiB/token in "
+            f"{s['read_requests_per_token']:.0f} reads",
+            f"I/O {s['io_ms_per_token']:.1f} ms + cache {s['cache_ms_per_token']:.1f} ms"
+            f" + compute {s['compute_ms_per_token'] or 0:.1f} ms per token",
+            f"cache hits {hit:.0%}" if hit is not None else "no cache",
+            f"budget {s['memory_budget_bytes'] / 2**20:.1f} MiB",
+        ]
+    parts.append(f"peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return "[" + ", ".join(parts) + "]"
+
+
+@app.command()
+@friendly
+def convert(
+    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir or Hub repo id (facebook/opt-1.3b).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output dir. Default models/<name>-flash.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float16, bfloat16 or float32. Default: as stored.")] = None,
+    align: Annotated[int, typer.Option("--align", help="Bundle alignment in bytes (16384 = Apple SSD page; 4096 allowed).")] = 16384,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing flash dir.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Convert an OPT or Llama checkpoint into a flash model dir (bundled FFN neurons)."""
+    from . import format as fmt
+    from .convert import convert as run
+
+    path = run(source, out=out, dtype=dtype, align=align, force=force, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(fmt.info(path)))
     else:
-        typer.echo("")
-        s = result["stats"]
-        typer.echo(
-            f"[{s.get('generation_tokens', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s, "
-            f"peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB]",
-            err=True,
-        )
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def info(
+    path: Annotated[Path, typer.Argument(help="A flash model dir.")],
+    as_json: JsonOpt = False,
+):
+    """Describe a flash model dir: architecture, dims, dtype, sizes, alignment, format version."""
+    from . import format as fmt
+
+    data = fmt.info(path)
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    width = max(len(k) for k in data)
+    for k, v in data.items():
+        if isinstance(v, int) and k.endswith("bytes") and v >= 2**20:
+            v = f"{v} ({v / 2**20:.1f} MiB)"
+        typer.echo(f"{k:<{width}}  {v}")
 
 
 def main():

@@ -15,7 +15,7 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 # Prefill and naive mode stream whole layers through one buffer of at most this size.
-STREAM_CHUNK_BYTES = 8 << 20
+STREAM_CHUNK_BYTES = 4 << 20
 
 
 def parse_memory(spec: str | float | int | None, model_bytes: int) -> int:
@@ -41,6 +41,13 @@ def parse_memory(spec: str | float | int | None, model_bytes: int) -> int:
         f"--memory {spec!r} not understood; use bytes (8GB, 512MiB), a fraction of RAM (0.25) "
         "or of the model (50%model)"
     )
+
+
+def stream_rows(manifest: Manifest) -> int:
+    """Records per chunk when a whole layer streams through (prefill, naive): at most
+    STREAM_CHUNK_BYTES and at most a quarter of a layer, so small models keep small buffers."""
+    rows = min(STREAM_CHUNK_BYTES // manifest.record_bytes, -(-manifest.ffn_dim // 4))
+    return max(1, rows)
 
 
 def _kv_bytes(config: dict, manifest: Manifest, max_context: int) -> int:
@@ -102,7 +109,7 @@ def _fmt(n: int) -> str:
 def plan_budget(manifest: Manifest, config: dict, memory, max_context: int) -> Budget:
     dense_ffn = manifest.num_layers * manifest.ffn_dim * manifest.payload_bytes
     model = manifest.resident_bytes + dense_ffn
-    buffers = min(manifest.ffn_dim * manifest.record_bytes, STREAM_CHUNK_BYTES)
+    buffers = stream_rows(manifest) * manifest.record_bytes
     return Budget(
         total=parse_memory(memory, model), model=model, resident=manifest.resident_bytes,
         kv_cache=_kv_bytes(config, manifest, max_context), buffers=buffers,

@@ -22,7 +22,7 @@ from .checkpoint import load_config
 from .errors import FlashError
 from .format import Manifest, read_manifest
 from .loader import build_model, load_dense, load_tokenizer
-from .memory import STREAM_CHUNK_BYTES, Budget, plan_budget
+from .memory import Budget, plan_budget, stream_rows
 from .storage import FlashReader, ReadStats, aligned_empty
 
 MODES = ("auto", "dense", "naive", "oracle", "predicted")
@@ -45,6 +45,7 @@ class FlashStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    overflow: int = 0  # active neurons read past the cache because it was full
     prefill_tokens: int = 0
     prefill_io: ReadStats = field(default_factory=ReadStats)
     last_token_start: float | None = None
@@ -70,6 +71,7 @@ class FlashStats:
             "tokens_per_s": None if token_ms is None else round(1000 / token_ms, 2),
             "cache_hit_rate": round(self.hits / looked_up, 4) if looked_up else None,
             "evictions_per_token": round(self.evictions / n, 2),
+            "overflow_neurons_per_token": round(self.overflow / n, 2),
             "prefill_tokens": self.prefill_tokens,
             "prefill_flash_bytes": self.prefill_io.bytes,
         }
@@ -86,8 +88,7 @@ class FlashRuntime:
         self.relu = act == "relu"
         self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads)
         self.stats = FlashStats()
-        rows = max(1, min(manifest.ffn_dim, STREAM_CHUNK_BYTES // manifest.record_bytes))
-        self.chunk, self._chunk_np = aligned_empty(rows, manifest.record_bytes)  # (rows, record)
+        self.chunk, self._chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)  # (rows, record)
 
     def close(self) -> None:
         self.reader.close()
@@ -198,10 +199,20 @@ class FlashMLP(nn.Module):
     def _seed_window(self, x_last: mx.array) -> None:
         """After prefill, hold the neurons of the last `window` prompt tokens."""
         for row in range(x_last.shape[0]):
-            self._cache.ensure(self._active(x_last[row : row + 1]), self._step,
-                               self._rt.reader, self._offset)
+            ids, _ = self._split_overflow(self._active(x_last[row : row + 1]))
+            self._cache.ensure(ids, self._step, self._rt.reader, self._offset)
             self._step += 1
         self._cache.slide(self._step - 1, self._rt.window)
+
+    def _split_overflow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids the cache takes, ids beyond its capacity). Cached ones are kept first."""
+        cap = self._cache.capacity
+        if len(ids) <= cap:
+            return ids, ids[:0]
+        present = self._cache.row_of[ids] >= 0
+        missing = ids[~present]
+        room = cap - int(present.sum())
+        return np.sort(np.concatenate([ids[present], missing[:room]])), missing[room:]
 
     def _decode(self, x: mx.array) -> mx.array:
         rt = self._rt
@@ -209,14 +220,33 @@ class FlashMLP(nn.Module):
         ids = self._active(x)
         t1 = time.perf_counter()
         before = rt.reader.snapshot()
+        ids, overflow = self._split_overflow(ids)
         stats = self._cache.ensure(ids, self._step, rt.reader, self._offset)
         self._cache.slide(self._step, rt.window)
         self._step += 1
+        records = self._cache.weights(rt.manifest.mx_dtype)
+        y = self._ffn(x, records, mx.array(self._cache.ids()))
+        if len(overflow):
+            y = y + self._uncached(x, overflow)
         io = rt.reader.delta(before)
         cache_s = time.perf_counter() - t1 - io.seconds
+        rt.stats.overflow += len(overflow)
         self._count_decode(io, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted)
-        records = self._cache.weights(rt.manifest.mx_dtype)
-        return self._ffn(x, records, mx.array(self._cache.ids()))
+        return y
+
+    def _uncached(self, x: mx.array, ids: np.ndarray) -> mx.array:
+        """FFN over neurons the cache cannot hold this token, through the stream buffer."""
+        rt = self._rt
+        rows = rt.chunk.shape[0]
+        y = None
+        for start in range(0, len(ids), rows):
+            part_ids = ids[start : start + rows]
+            n = len(part_ids)
+            rt.reader.read(self._offset, part_ids, rt._chunk_np[:n])
+            part = self._ffn(x, rt.chunk[:n].view(rt.manifest.mx_dtype), mx.array(part_ids))
+            y = part if y is None else y + part
+            mx.eval(y)  # the stream buffer is overwritten next
+        return y
 
     def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted) -> None:
         s = self._rt.stats

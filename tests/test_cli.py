@@ -78,3 +78,38 @@ def test_no_weight_files(tmp_path):
 def test_bad_config_json(tmp_path, bad):
     (tmp_path / "config.json").write_text(bad)
     assert_one_line_error(run("generate", "-p", "x", "--model", str(tmp_path)), "config.json")
+
+
+def test_convert_info_and_flash_generate(tmp_path):
+    out = tmp_path / "tiny-flash"
+    proc = run("convert", str(EMBEDDED), "--out", str(out), "--align", "4096", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["architecture"] == "opt"
+    again = run("convert", str(EMBEDDED), "--out", str(out))
+    assert_one_line_error(again, "--force")
+    info = json.loads(run("info", str(out), "--json").stdout)
+    assert info["bundle_bytes"] == 4096 and info["num_layers"] == 4
+    dense = json.loads(run("generate", "-p", "The open() function", "-n", "12", "--json").stdout)
+    flash = run("generate", "-m", str(out), "-p", "The open() function", "-n", "12",
+                "--memory", "6.5MB", "--max-context", "256", "--json")
+    assert flash.returncode == 0, flash.stderr
+    result = json.loads(flash.stdout)
+    stats = result["stats"]
+    assert result["tokens"] == dense["tokens"]  # exact active set: same greedy tokens
+    assert stats["mode"] == "oracle" and stats["memory_budget_bytes"] == 6_500_000
+    for key in ("flash_bytes_per_token", "read_requests_per_token", "io_ms_per_token",
+                "cache_ms_per_token", "compute_ms_per_token", "tokens_per_s", "cache_hit_rate",
+                "peak_rss_bytes"):
+        assert stats[key] is not None, key
+    assert stats["flash_bytes_per_token"] > 0
+
+
+def test_flash_options_need_a_flash_dir():
+    assert_one_line_error(run("generate", "-p", "x", "--memory", "1GB"), "mlx-flash convert")
+
+
+def test_bad_memory_spec(tmp_path):
+    out = tmp_path / "f"
+    run("convert", str(EMBEDDED), "--out", str(out), "--align", "4096")
+    assert_one_line_error(run("generate", "-m", str(out), "-p", "x", "--memory", "lots"), "--memory")
+    assert_one_line_error(run("generate", "-m", str(out), "-p", "x", "--mode", "fast"), "mode")

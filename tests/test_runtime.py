@@ -49,12 +49,13 @@ def _greedy_logits(model, tokenizer, n=NEW):
     return tokens, np.stack(steps)
 
 
-@pytest.mark.parametrize("variant", ["window4", "window1", "tiny-capacity"])
+@pytest.mark.parametrize("variant", ["window4", "window1", "tiny-capacity", "overflow"])
 @pytest.mark.parametrize("name", ["opt-fixture", "llama-relu-fixture"])
 def test_oracle_is_exact(flash_dirs, name, variant):
     path = flash_dirs[name]
     dense, tok = load_dense(path)
-    kwargs = {"window1": dict(window=1), "tiny-capacity": dict(capacity=TINY_CAPACITY[name])}
+    kwargs = {"window1": dict(window=1), "tiny-capacity": dict(capacity=TINY_CAPACITY[name]),
+              "overflow": dict(capacity=64)}  # below one token's active set: streamed past the cache
     flash, _ = runtime.load(path, memory="1GB", mode="oracle", **kwargs.get(variant, {}))
     ref_tokens, ref_logits = _greedy_logits(dense, tok)
     tokens, logits = _greedy_logits(flash, tok)
@@ -64,7 +65,9 @@ def test_oracle_is_exact(flash_dirs, name, variant):
     assert stats["decode_tokens"] == NEW
     assert 0 < stats["flash_bytes_per_token"] < flash.flash_budget["dense_ffn"]
     if variant == "tiny-capacity":
-        assert stats["evictions_per_token"] >= 1
+        assert stats["evictions_per_token"] >= 1 and stats["overflow_neurons_per_token"] == 0
+    elif variant == "overflow":
+        assert stats["overflow_neurons_per_token"] > 0
     else:
         assert stats["evictions_per_token"] == 0
 

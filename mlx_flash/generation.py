@@ -40,6 +40,18 @@ def stream_generate(
     )
 
 
+def flash_stats(model) -> dict:
+    """The model's flash figures (empty for a dense model), peak RSS and the budget in use."""
+    stats = dict(model.flash_stats()) if hasattr(model, "flash_stats") else {}
+    stats.pop("tokens_per_s", None)  # mlx-lm's end-to-end figure is the one reported
+    budget = getattr(model, "flash_budget", None)
+    if budget:
+        stats["memory_budget_bytes"] = budget["total"]
+        stats["neuron_cache_rows_per_layer"] = budget["capacity"]
+    stats["peak_rss_bytes"] = platform.peak_rss_bytes()
+    return stats
+
+
 def generate(
     model,
     tokenizer,
@@ -57,7 +69,7 @@ def generate(
         pieces.append(last.text)
         if on_text and last.text:
             on_text(last.text)
-    stats = {"wall_s": round(time.perf_counter() - tic, 4), "peak_rss_bytes": platform.peak_rss_bytes()}
+    stats = {"mode": getattr(model, "flash_mode", "dense"), "wall_s": round(time.perf_counter() - tic, 4)}
     if last is not None:
         stats.update(
             prompt_tokens=last.prompt_tokens,
@@ -66,4 +78,5 @@ def generate(
             tokens_per_s=round(last.generation_tps, 2),
             finish_reason=last.finish_reason,
         )
+    stats.update(flash_stats(model))
     return {"text": "".join(pieces), "tokens": tokens, "stats": stats}

@@ -1,0 +1,40 @@
+"""`load` for any model dir: dense for an HF checkpoint, the flash runtime for a flash dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import FlashError
+from .format import is_flash_dir
+from .loader import load_dense
+
+
+def load(
+    path: str | Path,
+    memory: str | float | int | None = None,
+    mode: str = "auto",
+    window: int | None = None,
+    **kwargs,
+):
+    """Load `(model, tokenizer)` from an HF checkpoint dir (dense) or a flash model dir.
+
+    For a flash dir, `memory`, `mode`, `window` and the other keywords go to
+    `mlx_flash.runtime.load`. An HF checkpoint only loads densely: convert it first
+    (`mlx-flash convert`) to stream it from flash.
+    """
+    path = Path(path)
+    if is_flash_dir(path):
+        from . import runtime
+
+        if window is not None:
+            kwargs["window"] = window
+        return runtime.load(path, memory=memory, mode=mode, **kwargs)
+    if mode not in ("auto", "dense") or memory is not None or window is not None:
+        raise FlashError(
+            f"{path} is a Hugging Face checkpoint, which loads only densely; run "
+            f"`mlx-flash convert {path}` and use the flash dir for --memory/--mode/--window"
+        )
+    model, tokenizer = load_dense(path)
+    model.flash_mode = "dense"
+    model.flash_stats = dict
+    return model, tokenizer
