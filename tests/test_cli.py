@@ -90,6 +90,9 @@ def test_convert_info_and_flash_generate(tmp_path):
     info = json.loads(run("info", str(out), "--json").stdout)
     assert info["bundle_bytes"] == 4096 and info["num_layers"] == 4
     dense = json.loads(run("generate", "-p", "The open() function", "-n", "12", "--json").stdout)
+    converted = run("generate", "-m", str(out), "--mode", "dense", "-p", "The open() function",
+                    "-n", "12", "--json")
+    assert json.loads(converted.stdout)["tokens"] == dense["tokens"]  # converted dir == source
     flash = run("generate", "-m", str(out), "-p", "The open() function", "-n", "12",
                 "--memory", "6.5MB", "--max-context", "256", "--json")
     assert flash.returncode == 0, flash.stderr
