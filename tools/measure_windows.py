@@ -38,7 +38,7 @@ def main():
     fixtures, val = Path(sys.argv[1]), Path(sys.argv[2])
     tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 256
     text = val.read_text()[:20000]
-    print(f"| model | k | fresh per token | held at end | reads/token | bytes/token |")
+    print("| model | k | fresh per token | held at end | reads/token | bytes/token |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("opt-fixture", "llama-relu-fixture"):
