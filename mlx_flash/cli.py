@@ -169,6 +169,68 @@ def info(
         typer.echo(f"{k:<{width}}  {v}")
 
 
+@app.command()
+@friendly
+def calibrate(
+    path: Annotated[Path, typer.Argument(help="A flash model dir (from `mlx-flash convert`).")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration text file (training-like text).")],
+    tokens: Annotated[int, typer.Option("--tokens", min=512, help="Calibration tokens.")] = 200_000,
+    rank: Annotated[int | None, typer.Option("--rank", min=1, help="One predictor rank for every layer.")] = None,
+    ranks: Annotated[str | None, typer.Option("--ranks", help="Per-layer ranks: comma list, one per layer.")] = None,
+    recall: Annotated[float, typer.Option("--recall", min=0.5, max=1.0, help="Target recall of the threshold.")] = 0.95,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", min=0.0, max=0.99, help="Non-ReLU models: fraction of |act(gate)*up| treated as inactive (default 0.5).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Train the low-rank activation predictors of a flash dir, layer by layer."""
+    from .predictor import calibrate as run
+
+    if rank is not None and ranks is not None:
+        raise FlashError("give --rank or --ranks, not both")
+    report = run(path, data, tokens=tokens, ranks=rank if rank is not None else ranks,
+                 target_recall=recall, sparsity=sparsity, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo("layer  rank  true sparsity  predicted active  recall  precision")
+    for i, row in enumerate(report["layers"]):
+        typer.echo(f"{i:>5}  {row.get('rank', ''):>4}  {row['true_sparsity']:>13.3f}  "
+                   f"{row['predicted_active_fraction']:>16.3f}  {row['recall']:>6.3f}  "
+                   f"{row['precision']:>9.3f}")
+    typer.echo(f"wrote {Path(path) / 'predictors.safetensors'}")
+
+
+@app.command()
+@friendly
+def perplexity(
+    model: Annotated[Path | None, typer.Argument(help="HF checkpoint dir or flash dir. Default: the embedded demo model.")] = None,
+    data: Annotated[Path, typer.Option("--data", help="Text file to score.")] = ...,
+    mode: ModeOpt = "auto",
+    memory: MemoryOpt = None,
+    window: WindowOpt = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per scoring window (each starts fresh).")] = 256,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=2, help="Score at most this many tokens.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Perplexity of a model over a text file, in fixed windows: does sparsity cost quality?"""
+    from .generation import flash_stats
+    from .perplexity import perplexity as run
+
+    model_obj, tokenizer = _load(model, memory, mode, window, None)
+    flash = getattr(model_obj, "flash_mode", "dense") != "dense"
+    result = run(model_obj, tokenizer, data, window=seq_len, max_tokens=max_tokens,
+                 progress=not as_json, token_by_token=flash)
+    result["mode"] = getattr(model_obj, "flash_mode", "dense")
+    result["stats"] = flash_stats(model_obj)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+               f"({result.get('windows', '?')} windows of {seq_len} tokens, mode {result['mode']})")
+    if flash:
+        typer.echo(_summary({**result["stats"], "generation_tokens": result["tokens"],
+                             "tokens_per_s": 0.0, "mode": result["mode"]}), err=True)
+
+
 def main():
     app()
 

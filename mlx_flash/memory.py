@@ -71,6 +71,7 @@ class Budget:
     num_layers: int
     ffn_dim: int
     max_context: int
+    other: int = 0  # predictors
 
     @property
     def fits_dense(self) -> bool:
@@ -78,7 +79,7 @@ class Budget:
 
     @property
     def capacity(self) -> int:
-        free = self.total - self.resident - self.kv_cache - self.buffers
+        free = self.total - self.resident - self.kv_cache - self.buffers - self.other
         return max(0, min(self.ffn_dim, free // (self.num_layers * self.record_bytes)))
 
     @property
@@ -87,11 +88,13 @@ class Budget:
 
     def require_flash(self) -> None:
         if self.capacity < 1:
-            need = self.resident + self.kv_cache + self.buffers + self.num_layers * self.record_bytes
+            need = (self.resident + self.kv_cache + self.buffers + self.other
+                    + self.num_layers * self.record_bytes)
             raise FlashError(
                 f"memory budget {_fmt(self.total)} is too small: resident weights need "
                 f"{_fmt(self.resident)}, the KV cache for {self.max_context} tokens "
-                f"{_fmt(self.kv_cache)}, read buffers {_fmt(self.buffers)}; give at least "
+                f"{_fmt(self.kv_cache)}, read buffers {_fmt(self.buffers)}, predictors "
+                f"{_fmt(self.other)}; give at least "
                 f"{_fmt(need)} (more for a useful neuron cache)"
             )
 

@@ -104,7 +104,8 @@ class _Biases:
 class FlashMLP(nn.Module):
     """An MLP whose weights live in `ffn.bundles`; see the module docstring."""
 
-    def __init__(self, rt: FlashRuntime, layer: int, capacity: int, biases: dict, oracle=None):
+    def __init__(self, rt: FlashRuntime, layer: int, capacity: int, biases: dict, oracle=None,
+                 predictor=None):
         super().__init__()
         m = rt.manifest
         self._rt, self._layer = rt, layer
@@ -112,6 +113,7 @@ class FlashMLP(nn.Module):
         self._cache = NeuronCache(capacity, m.record_bytes, m.ffn_dim)
         self._biases = _Biases(biases)
         self._oracle = oracle  # (W_in (ffn, d), bias or None): dense up/gate for oracle mode
+        self._predictor = predictor  # predictor.Predictor for predicted mode
         self._step = 0
         d = m.d_model
         self._slices = [(p.name, p.offset, p.offset + d) for p in m.parts]
@@ -186,15 +188,17 @@ class FlashMLP(nn.Module):
         return y
 
     def _active(self, x: mx.array) -> np.ndarray:
-        """Sorted ids of the neurons active for any row of x (oracle: from the true activation)."""
-        w_in, b_in = self._oracle
-        z = x @ w_in.T
-        if b_in is not None:
-            z = z + b_in
-        if not self._rt.relu:
-            return np.arange(w_in.shape[0])  # no exact zeros: every neuron is active
-        mask = mx.any(z > 0, axis=0)
-        return np.flatnonzero(np.array(mask))  # the one device->host sync of the layer
+        """Sorted ids of the neurons to hold for the rows of x: predicted, or the exact set."""
+        if self._predictor is not None:
+            mask = self._predictor(x)  # (n, ffn) bool
+        else:
+            w_in, b_in = self._oracle
+            if not self._rt.relu:
+                return np.arange(w_in.shape[0])  # no exact zeros: every neuron is active
+            z = x @ w_in.T
+            mask = (z + b_in if b_in is not None else z) > 0
+        # The one device->host sync of the layer: the read plan needs the ids on the CPU.
+        return np.flatnonzero(np.array(mx.any(mask, axis=0)))
 
     def _seed_window(self, x_last: mx.array) -> None:
         """After prefill, hold the neurons of the last `window` prompt tokens."""
@@ -312,9 +316,16 @@ def load(
         model, tokenizer = load_dense(path)
         _attach(model, "dense", budget, FlashStats())
         return model, tokenizer
+    predictors = None
     if mode in ("auto", "predicted"):
-        # Predictors come with `mlx-flash calibrate`; until then the exact set stands in.
-        mode = "oracle"
+        from .predictor import PREDICTORS_FILE, load_predictors
+
+        if mode == "predicted" or (path / PREDICTORS_FILE).exists():
+            predictors = load_predictors(path, manifest.mx_dtype)
+            budget.other = sum(p.nbytes for p in predictors)
+            mode = "predicted"
+        else:  # no `mlx-flash calibrate` yet: the exact set stands in (the CLI says so)
+            mode = "oracle"
     if capacity is None:
         budget.require_flash()
         capacity = budget.capacity
@@ -327,7 +338,8 @@ def load(
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
             oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
-            layer.mlp = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle)
+            layer.mlp = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
+                                 predictors[i] if predictors else None)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
