@@ -3,6 +3,9 @@
     from mlx_flash import load, generate, stream_generate
     model, tokenizer = load("models/opt-1.3b-flash", memory="4GB")
     print(generate(model, tokenizer, "Hello", max_tokens=50)["text"])
+    for r in stream_generate(model, tokenizer, "Hello", max_tokens=50):
+        print(r.text, end="", flush=True)
+    print(r.stats["flash_bytes_per_token"], r.stats["cache_hit_rate"])
 """
 
 __version__ = "0.1.0"

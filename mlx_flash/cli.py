@@ -82,14 +82,26 @@ def _load(model: Path | None, memory, mode, window, max_context):
     return m, tok
 
 
+# Generation options shared by generate, chat and batch
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
+TempOpt = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this probability mass (0 or 1: off).")]
+RepetitionPenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", min=0.0, help="Penalize tokens of the last 20 (> 1 discourages repeats).")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (not printed); repeat for several.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+
+
 @app.command()
 @friendly
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text; - reads it from stdin.")],
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 100,
-    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
+    max_tokens: MaxTokensOpt = 100,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 0.0,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    stop: StopOpt = None,
+    seed: SeedOpt = None,
     memory: MemoryOpt = None,
     mode: ModeOpt = "auto",
     window: WindowOpt = None,
@@ -99,10 +111,15 @@ def generate(
     """Generate text from a prompt, streaming it as it is produced."""
     from . import generation as gen
 
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise FlashError("the prompt is empty")
     model_obj, tokenizer = _load(model, memory, mode, window, max_context)
     on_text = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     result = gen.generate(
-        model_obj, tokenizer, prompt, max_tokens=max_tokens, temp=temp, seed=seed, on_text=on_text
+        model_obj, tokenizer, prompt, max_tokens=max_tokens, temp=temp, top_p=top_p,
+        repetition_penalty=repetition_penalty, stop=stop, seed=seed, on_text=on_text,
     )
     if as_json:
         typer.echo(json.dumps(result))
@@ -229,6 +246,138 @@ def perplexity(
     if flash:
         typer.echo(_summary({**result["stats"], "generation_tokens": result["tokens"],
                              "tokens_per_s": 0.0, "mode": result["mode"]}), err=True)
+
+
+@app.command()
+@friendly
+def chat(
+    model: ModelOpt = None,
+    memory: MemoryOpt = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    max_tokens: MaxTokensOpt = 256,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 0.0,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    seed: SeedOpt = None,
+    mode: ModeOpt = "auto",
+    window: WindowOpt = None,
+    max_context: MaxContextOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No stats line after each reply.")] = False,
+):
+    """Chat in the terminal: replies stream as they come; /help lists the commands."""
+    from . import chat as chat_lib
+
+    with chat_lib.loading(_model_path(model)):
+        model_obj, tokenizer = _load(model, memory, mode, window, max_context)
+    session = chat_lib.ChatSession(model_obj, tokenizer, system=system, max_tokens=max_tokens,
+                                   temp=temp, top_p=top_p, repetition_penalty=repetition_penalty,
+                                   seed=seed)
+    chat_lib.repl(session, quiet=quiet)
+
+
+@app.command()
+@friendly
+def batch(
+    input: Annotated[Path, typer.Argument(help="JSONL file: one {\"id\", \"prompt\", options...} per line.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL results; a rerun skips the ids it holds.")],
+    model: ModelOpt = None,
+    max_tokens: MaxTokensOpt = 100,
+    temp: TempOpt = 0.0,
+    top_p: TopPOpt = 0.0,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    stop: StopOpt = None,
+    seed: SeedOpt = None,
+    memory: MemoryOpt = None,
+    mode: ModeOpt = "auto",
+    window: WindowOpt = None,
+    max_context: MaxContextOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Generate for every prompt of a JSONL file with one model load; resumable."""
+    from . import batch as batch_lib
+
+    plan = batch_lib.prepare(input, out)
+    if plan.pending:
+        if plan.done:
+            typer.echo(f"resuming: {plan.done} of {len(plan.jobs)} already in {out}", err=True)
+        model_obj, tokenizer = _load(model, memory, mode, window, max_context)
+        defaults = dict(max_tokens=max_tokens, temp=temp, top_p=top_p,
+                        repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+        try:
+            summary = batch_lib.run(model_obj, tokenizer, plan, defaults, progress=not as_json)
+        except KeyboardInterrupt:
+            typer.echo(f"interrupted; {out} holds whole records only: rerun the same command "
+                       "to finish", err=True)
+            raise typer.Exit(130) from None
+        errors = f"{summary['errors']} error{'' if summary['errors'] == 1 else 's'}"
+        note = f"wrote {summary['written']} records ({errors}) to {out}"
+    else:
+        summary = batch_lib.run(None, None, plan, progress=False)
+        note = f"nothing to do: {out} holds all {len(plan.jobs)} records"
+    typer.echo(json.dumps(summary) if as_json else note, err=not as_json)
+
+
+@app.command()
+@friendly
+def probe(
+    path: Annotated[Path | None, typer.Option("--path", help="A directory on the volume that holds the models. Default: models/.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw throughput per request size into this PNG (needs matplotlib).")] = None,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.01, help="Measuring time per request size and thread count.")] = 0.4,
+    scratch_mb: Annotated[int, typer.Option("--scratch-mb", min=16, help="Size of the scratch file read at random (removed afterwards).")] = 1024,
+    fio: Annotated[bool, typer.Option("--fio", help="Also record fio's ceiling (io_uring, queue depth 32) for reference, if fio is installed.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Measure uncached random reads (4 KiB-4 MiB, 1-32 threads); save the profile the reader uses."""
+    from . import probe as lib
+
+    say = None if as_json else (lambda line: typer.echo(line, err=True))
+    profile = lib.probe(path, seconds=seconds, file_bytes=scratch_mb << 20, progress=say)
+    if fio:
+        profile.fio = lib.fio_reference(profile.path)
+    saved = lib.save_profile(profile)
+    if plot is not None:
+        lib.plot(profile, plot)
+    if as_json:
+        threads, request = profile.reader_settings(16 << 10)
+        typer.echo(json.dumps({**profile.to_dict(), "saved": str(saved), "threads_16k": threads,
+                               "max_request_bytes": request}))
+        return
+    typer.echo(lib.format_table(profile))
+    if profile.fio:
+        typer.echo("fio (io_uring, QD32): " + ", ".join(
+            f"{int(k) >> 10} KiB {v:.3f} GB/s" for k, v in profile.fio.items()))
+    typer.echo(lib.summary(profile))
+    typer.echo(f"saved {saved}" + (f"; plot {plot}" if plot is not None else ""))
+
+
+@app.command()
+@friendly
+def bench(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A flash model dir (mlx-flash convert, or tools/synthetic_flash.py).")],
+    memory: Annotated[str, typer.Option("--memory", help="Memory budget, as for generate; enforced as a real limit where the platform allows.")] = "50%model",
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Decode tokens per strategy.")] = 8,
+    strategies: Annotated[str | None, typer.Option("--strategies", help="Comma list: dense, naive, hybrid, predicted, +window, +bundling, all, mmap, mmap-nolimit. Default: all.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text (the same for every strategy).")] = None,
+    window: WindowOpt = 4,
+    max_context: Annotated[int, typer.Option("--max-context", min=16, help="Tokens of KV cache the budget reserves.")] = 256,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Dense HF checkpoint of the same weights, for the dense and mmap baselines. Default: the flash dir's source.")] = None,
+    no_limit: Annotated[bool, typer.Option("--no-limit", help="Do not enforce the budget with a memory cgroup.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw ms per token per strategy into this PNG (needs matplotlib).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Compare the paper's strategies on one model and prompt, each started cold."""
+    from . import bench as lib
+
+    say = None if as_json else (lambda line: typer.echo(line, err=True))
+    result = lib.bench(model, memory=memory, tokens=tokens, strategies=strategies,
+                       prompt=prompt or lib.DEFAULT_PROMPT, window=window, max_context=max_context,
+                       limit=not no_limit, checkpoint=checkpoint, progress=say)
+    if plot is not None:
+        lib.plot(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(lib.format_table(result))
 
 
 def main():

@@ -1,15 +1,27 @@
-"""Generation: a thin layer over mlx-lm's `stream_generate` that carries our stats."""
+"""Generation: a thin layer over mlx-lm's `stream_generate` that carries our stats.
+
+Layered like mlx-lm: token ids -> mlx-lm's `GenerationResponse` stream (its sampling, logits
+processors, KV cache and detokenizer) -> `FlashResponse`s that add stop strings, the flash figures
+of the call and safe Ctrl-C -> text (`generate`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import platform
 
@@ -17,32 +29,127 @@ from . import platform
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "opt-tiny"
 
 
-def stream_generate(
-    model,
-    tokenizer,
-    prompt: str | list[int],
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-) -> Iterator[GenerationResponse]:
-    """Yield mlx-lm `GenerationResponse`s for `prompt` (text or token ids)."""
-    if seed is not None:
-        mx.random.seed(seed)
-    yield from _mlx_stream_generate(
-        model,
-        tokenizer,
-        prompt,
-        max_tokens=max_tokens,
-        sampler=make_sampler(temp=temp, top_p=top_p),
-        logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
-    )
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C taken between two tokens: the model and its caches are consistent.
+
+    Every token yielded before it is in the KV cache (`prompt_cache`), nothing else is.
+    """
 
 
-def flash_stats(model) -> dict:
-    """The model's flash figures (empty for a dense model), peak RSS and the budget in use."""
-    stats = dict(model.flash_stats()) if hasattr(model, "flash_stats") else {}
+@dataclass
+class FlashResponse(GenerationResponse):
+    """mlx-lm's `GenerationResponse` plus `stats`: the flash figures of this call so far.
+
+    `stats` holds `mode` and, on a flash model, the per-token figures of `flash_stats`
+    (bytes and reads per token, I/O, cache and compute ms, cache hit rate) counted since the
+    call began, the memory budget and the peak RSS. `finish_reason` is `"stop"` (EOS or a stop
+    string), `"length"` or None.
+    """
+
+    stats: dict = field(default_factory=dict)
+
+
+class _Pending:
+    hit = False
+
+
+@contextlib.contextmanager
+def defer_sigint() -> Iterator[_Pending]:
+    """Hold Ctrl-C (SIGINT) until the block ends; a second Ctrl-C interrupts at once.
+
+    Yields an object whose `hit` tells whether a Ctrl-C arrived. Nested blocks share the
+    outermost one's. Does nothing outside the main thread or when SIGINT already has a handler
+    of someone else's.
+    """
+    current = signal.getsignal(signal.SIGINT)
+    if isinstance(getattr(current, "pending", None), _Pending):
+        yield current.pending
+        return
+    pending = _Pending()
+    if (threading.current_thread() is not threading.main_thread()
+            or current is not signal.default_int_handler):
+        yield pending
+        return
+
+    def handler(signum, frame):
+        if pending.hit:
+            raise KeyboardInterrupt
+        pending.hit = True
+
+    handler.pending = pending
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield pending
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class _StopText:
+    """Hold back text that may begin a stop string; report when one completes."""
+
+    def __init__(self, stop: list[str] | None):
+        self.stop = [s for s in stop or [] if s]
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string completed). The stop string is dropped."""
+        self.buf += text
+        found = [i for s in self.stop if (i := self.buf.find(s)) >= 0]
+        if found:
+            out, self.buf = self.buf[: min(found)], ""
+            return out, True
+        keep = max((k for s in self.stop for k in range(1, len(s))
+                    if self.buf.endswith(s[:k])), default=0)
+        cut = len(self.buf) - keep
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def context_limit(model) -> int:
+    """Tokens a prompt and its reply may take: the KV cache the budget reserves (flash) or the
+    model's position limit, whichever is smaller."""
+    budget = getattr(model, "flash_budget", None) or {}
+    limits = [budget.get("max_context"),
+              getattr(getattr(model, "args", None), "max_position_embeddings", None)]
+    limits = [n for n in limits if n]
+    return min(limits) if limits else 2048
+
+
+def encode(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a text prompt, as mlx-lm's `stream_generate` makes them (BOS unless the
+    text starts with it)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+
+
+def flash_counters(model):
+    """A snapshot of the model's flash counters (None for a dense model), for `flash_stats`."""
+    rt = getattr(model, "flash_runtime", None)
+    return None if rt is None else dataclasses.replace(rt.stats)
+
+
+def _since(now, before):
+    delta = {}
+    for f in dataclasses.fields(now):
+        a, b = getattr(now, f.name), getattr(before, f.name)
+        delta[f.name] = None if f.name == "last_token_start" else a - b
+    return type(now)(**delta)
+
+
+def flash_stats(model, since=None) -> dict:
+    """The model's flash figures (empty for a dense model), peak RSS and the budget in use.
+
+    `since`: a `flash_counters(model)` snapshot; the figures then cover only what came after it.
+    """
+    rt = getattr(model, "flash_runtime", None)
+    if since is not None and rt is not None:
+        stats = _since(rt.stats, since).per_token()
+    else:
+        stats = dict(model.flash_stats()) if hasattr(model, "flash_stats") else {}
     stats.pop("tokens_per_s", None)  # mlx-lm's end-to-end figure is the one reported
     budget = getattr(model, "flash_budget", None)
     if budget:
@@ -52,24 +159,111 @@ def flash_stats(model) -> dict:
     return stats
 
 
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | None = None,
+    stop: list[str] | str | None = None,
+    **kwargs,
+) -> Iterator[FlashResponse]:
+    """Yield a `FlashResponse` per generated token of `prompt` (text or token ids).
+
+    Like `mlx_lm.stream_generate`, whose loop runs underneath: `kwargs` go to it (`sampler`,
+    `logits_processors`, `prompt_cache`, `max_kv_size`, `prefill_step_size`, ...). Without a
+    `sampler`, one is made from `temp` (0 is greedy), `top_p`, `min_p`, `top_k`; without
+    `logits_processors`, from `repetition_penalty`. `seed` seeds MLX's random state first.
+    `stop`: strings that end the text (the stop string itself is not returned).
+
+    Each response carries `stats`, the flash figures of this call so far. Ctrl-C (in the main
+    thread) is taken between tokens: the response being computed is still yielded, then
+    `Interrupted` is raised, leaving the model and `prompt_cache` consistent; a second Ctrl-C
+    interrupts at once.
+    """
+    if seed is not None:
+        mx.random.seed(seed)
+    if "sampler" not in kwargs:
+        kwargs["sampler"] = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    if "logits_processors" not in kwargs:
+        kwargs["logits_processors"] = make_logits_processors(
+            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+        )
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    pending = _Pending()
+    progress = kwargs.get("prompt_progress_callback")
+
+    def on_prompt(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if pending.hit and done < total:  # between prefill chunks: the cache holds whole chunks
+            raise Interrupted
+
+    kwargs["prompt_progress_callback"] = on_prompt
+    stopper = _StopText([stop] if isinstance(stop, str) else stop)
+    mode = getattr(model, "flash_mode", "dense")
+    before = flash_counters(model)
+    inner = _mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+    try:
+        while True:
+            with defer_sigint() as pending:
+                try:
+                    r = next(inner)
+                except StopIteration:
+                    return
+            text, stopped = stopper.feed(r.text)
+            finish = "stop" if stopped else r.finish_reason
+            if finish is not None and not stopped:
+                text += stopper.flush()
+            stats = {"mode": mode, **flash_stats(model, since=before)}
+            yield FlashResponse(**{**vars(r), "text": text, "finish_reason": finish}, stats=stats)
+            if finish is not None:
+                return
+            if pending.hit:
+                raise Interrupted
+    finally:
+        inner.close()
+
+
 def generate(
     model,
     tokenizer,
     prompt: str | list[int],
-    max_tokens: int = 256,
+    verbose: bool = False,
     on_text: Callable[[str], None] | None = None,
     **kwargs,
 ) -> dict:
-    """Run to the end; return `{"text", "tokens", "stats"}`. `on_text` receives each new piece."""
+    """Generate a complete response; return `{"text", "tokens", "stats"}`.
+
+    Like `mlx_lm.generate` (`kwargs`, e.g. `max_tokens`, `temp`, `top_p`, `repetition_penalty`,
+    `seed`, `stop`, `prompt_cache`, go to `stream_generate`), but it returns the generated token
+    ids and the stats of the call with the text: prompt and generation tokens and tokens/s,
+    `finish_reason`, and on a flash model the per-token flash figures. `verbose` prints the text
+    as it comes and the stats; `on_text` receives each new piece of text.
+    """
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    eos = tokenizer.eos_token_ids
     pieces, tokens, last = [], [], None
     tic = time.perf_counter()
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
-        if last.finish_reason != "stop":
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        if not (last.finish_reason == "stop" and last.token in eos):
             tokens.append(int(last.token))
         pieces.append(last.text)
         if on_text and last.text:
             on_text(last.text)
-    stats = {"mode": getattr(model, "flash_mode", "dense"), "wall_s": round(time.perf_counter() - tic, 4)}
+        if verbose:
+            print(last.text, end="", flush=True)
+    stats = {"mode": getattr(model, "flash_mode", "dense"),
+             "wall_s": round(time.perf_counter() - tic, 4)}
     if last is not None:
         stats.update(
             prompt_tokens=last.prompt_tokens,
@@ -78,5 +272,9 @@ def generate(
             tokens_per_s=round(last.generation_tps, 2),
             finish_reason=last.finish_reason,
         )
-    stats.update(flash_stats(model))
+        stats.update(last.stats)
+    else:
+        stats.update(flash_stats(model))
+    if verbose:
+        print(f"\n{stats}", file=sys.stderr)
     return {"text": "".join(pieces), "tokens": tokens, "stats": stats}
