@@ -34,7 +34,13 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
-	@echo "bench: no benchmarks yet (see issue: mlx-flash probe / bench)"
+	@dir=$${BENCH_DIR:-models/bench}; mkdir -p $$dir && \
+	plot=$$($(BIN)/python -c 'import matplotlib' 2>/dev/null && echo yes); \
+	$(BIN)/mlx-flash probe --path $$dir $${plot:+--plot $$dir/probe.png} && \
+	{ test -f $$dir/opt-6.7b-synthetic/manifest.json || $(BIN)/python tools/synthetic_flash.py \
+		$$dir/opt-6.7b-synthetic --checkpoint $$dir/opt-6.7b-synthetic-hf; } && \
+	$(BIN)/mlx-flash bench --model $$dir/opt-6.7b-synthetic --memory 50%model \
+		--tokens $${BENCH_TOKENS:-8} --prompt "$${BENCH_PROMPT:-The open() function}" $${plot:+--plot $$dir/bench.png}
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check mlx_flash tests tools

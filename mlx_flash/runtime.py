@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import platform
 from .cache import NeuronCache
 from .checkpoint import load_config
 from .errors import FlashError
@@ -25,7 +26,7 @@ from .loader import build_model, load_dense, load_tokenizer
 from .memory import Budget, plan_budget, stream_rows
 from .storage import FlashReader, ReadStats, aligned_empty
 
-MODES = ("auto", "dense", "naive", "oracle", "predicted")
+MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted")
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "gelu": nn.gelu}
 DEFAULT_WINDOW = 4
 DEFAULT_THREADS = 16
@@ -80,18 +81,29 @@ class FlashStats:
 class FlashRuntime:
     """What the FlashMLPs of one model share: the manifest, the reader, buffers and counters."""
 
-    def __init__(self, manifest: Manifest, mode: str, window: int, threads: int, act: str):
+    def __init__(self, manifest: Manifest, mode: str, window: int, threads: int, act: str,
+                 max_request_bytes: int = 1 << 20, bundled: bool = True):
         self.manifest = manifest
         self.mode = mode
         self.window = window
         self.act = ACTIVATIONS[act]
         self.relu = act == "relu"
-        self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads)
+        # bundled=False (benchmarks): each record part is its own read, as separate matrices.
+        spans = None if bundled else _part_spans(manifest)
+        self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads,
+                                  max_request_bytes=max_request_bytes, part_spans=spans)
         self.stats = FlashStats()
         self.chunk, self._chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)  # (rows, record)
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _part_spans(m: Manifest) -> list[tuple[int, int]]:
+    """Aligned byte span of each record part: what one read per part has to fetch."""
+    align, size = platform.direct_io_alignment(), m.itemsize
+    return [(p.offset * size // align * align, -(-(p.offset + p.length) * size // align) * align)
+            for p in m.parts]
 
 
 class _Biases:
@@ -123,7 +135,20 @@ class FlashMLP(nn.Module):
     def _ffn(self, x: mx.array, records: mx.array, ids: mx.array | None) -> mx.array:
         """FFN of x (n_tok, d) over `records` (n, record_values) holding neurons `ids`."""
         rt, b = self._rt, self._biases.by_module
-        w = {name: records[:, lo:hi] for name, lo, hi in self._slices}  # each (n, d)
+        span = {name: (lo, hi) for name, lo, hi in self._slices}
+        width = records.shape[1]
+
+        def rows(name):  # x @ W.T for a row part W = records[:, lo:hi] (n, d)
+            # x zero-padded to the record width keeps the product on contiguous records: MLX's
+            # CPU backend copies a strided slice before a matmul, ~10x the product's own cost.
+            lo, hi = span[name]
+            return mx.pad(x, [(0, 0), (lo, width - hi)]) @ records.T
+
+        def cols(h, name):  # h @ W for a column part W = records[:, lo:hi] (n, d)
+            lo, hi = span[name]
+            if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
+                return (h.T * records[:, lo:hi]).sum(axis=0, keepdims=True)
+            return h @ records[:, lo:hi]
 
         def bias(name):
             v = b.get(name)
@@ -132,14 +157,14 @@ class FlashMLP(nn.Module):
             return v if ids is None else v[ids]
 
         if rt.manifest.architecture == "opt":
-            h = x @ w["fc1"].T
+            h = rows("fc1")
             if (b1 := bias("fc1")) is not None:
                 h = h + b1
-            return rt.act(h) @ w["fc2"]
-        gate, up = x @ w["gate_proj"].T, x @ w["up_proj"].T
+            return cols(rt.act(h), "fc2")
+        gate, up = rows("gate_proj"), rows("up_proj")
         if (bg := bias("gate_proj")) is not None:
             gate, up = gate + bg, up + bias("up_proj")
-        return (rt.act(gate) * up) @ w["down_proj"]
+        return cols(rt.act(gate) * up, "down_proj")
 
     def _out_bias(self) -> mx.array | None:
         b = self._biases.by_module
@@ -154,9 +179,9 @@ class FlashMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         rt = self._rt
-        if shape[1] > 1 or rt.mode == "naive":
+        if shape[1] > 1 or rt.mode in ("naive", "hybrid"):
             y = self._streamed(x2, count_as_prefill=shape[1] > 1)
-            if shape[1] > 1 and rt.mode != "naive":
+            if shape[1] > 1 and rt.mode not in ("naive", "hybrid"):
                 self._seed_window(x2[-rt.window :])
         else:
             y = self._decode(x2)
@@ -165,12 +190,16 @@ class FlashMLP(nn.Module):
         return y.reshape(shape)
 
     def _streamed(self, x: mx.array, count_as_prefill: bool) -> mx.array:
-        """Whole-layer FFN with large sequential reads through the shared chunk buffer."""
+        """Whole-layer FFN with large sequential reads through the shared chunk buffer.
+
+        In hybrid mode the cache holds the layer's first neurons for good; only the rest is read.
+        """
         rt, m = self._rt, self._rt.manifest
         rows = rt.chunk.shape[0]
         before = rt.reader.snapshot()
-        y = None
-        for start in range(0, m.ffn_dim, rows):
+        first = self._cache.num_used if rt.mode == "hybrid" else 0
+        y = self._ffn(x, self._cache.weights(m.mx_dtype), mx.arange(first)) if first else None
+        for start in range(first, m.ffn_dim, rows):
             n = min(rows, m.ffn_dim - start)
             rt.reader.read_range(m.neuron_offset(self._layer, start), n * m.record_bytes,
                                  rt._chunk_np[:n])
@@ -288,9 +317,13 @@ def load(
     memory: str | float | int | None = None,
     mode: str = "auto",
     window: int = DEFAULT_WINDOW,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     max_context: int | None = None,
     capacity: int | None = None,
+    *,
+    predictors: list | None = None,
+    bundled: bool = True,
+    max_request_bytes: int | None = None,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -301,6 +334,12 @@ def load(
     the budget reserves (default: the model's limit, at most 2048). `capacity` overrides the
     neuron-cache rows per layer that the budget would give. The model gains `flash_stats()`
     (per-token figures), `flash_budget` (how memory is spent) and `flash_mode`.
+
+    `hybrid` mode keeps the budget's share of each layer (its first neurons) resident and reads
+    the rest every token. `threads` and `max_request_bytes` (the reader's coalescing limit)
+    default to the `mlx-flash probe` profile of the volume, else 16 threads and 1 MiB.
+    Benchmarks only: `predictors` (per-layer callables x -> bool mask) replace
+    predictors.safetensors; `bundled=False` reads each record part separately.
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -316,16 +355,18 @@ def load(
         model, tokenizer = load_dense(path)
         _attach(model, "dense", budget, FlashStats())
         return model, tokenizer
-    predictors = None
     if mode in ("auto", "predicted"):
         from .predictor import PREDICTORS_FILE, load_predictors
 
-        if mode == "predicted" or (path / PREDICTORS_FILE).exists():
+        if predictors is None and (mode == "predicted" or (path / PREDICTORS_FILE).exists()):
             predictors = load_predictors(path, manifest.mx_dtype)
-            budget.other = sum(p.nbytes for p in predictors)
+        if predictors is not None:
+            budget.other = sum(getattr(p, "nbytes", 0) for p in predictors)
             mode = "predicted"
         else:  # no `mlx-flash calibrate` yet: the exact set stands in (the CLI says so)
             mode = "oracle"
+    else:
+        predictors = None
     if capacity is None:
         budget.require_flash()
         capacity = budget.capacity
@@ -334,14 +375,25 @@ def load(
     model = build_model(config)
     weights = model.sanitize(dict(mx.load(str(manifest.resident_path))))
     biases = _mlp_biases(weights)
-    rt = FlashRuntime(manifest, mode, window, threads, _activation(config))
+    if threads is None or max_request_bytes is None:
+        from .probe import reader_settings
+
+        probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
+        threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
+    rt = FlashRuntime(manifest, mode, window, threads, _activation(config), max_request_bytes,
+                      bundled)
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
             oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
             layer.mlp = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
                                  predictors[i] if predictors else None)
+            if mode == "hybrid":  # the budget's share stays resident: the first neurons
+                layer.mlp._cache.ensure(np.arange(capacity), 0, rt.reader, layer.mlp._offset)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
+    # The resident weights now live in MLX memory; their page-cache copy would only press on a
+    # memory limit (Linux charges page cache to it).
+    platform.evict_from_page_cache(manifest.resident_path)
     model.eval()
     model.flash_runtime = rt
     _attach(model, mode, budget, rt.stats, capacity)

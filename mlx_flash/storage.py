@@ -110,6 +110,10 @@ class FlashReader:
     coalesced into one request of at most `max_request_bytes`. `direct` tells whether reads
     really bypass the page cache (False when the file system refused O_DIRECT). Not safe to
     call from several threads at once. Use as a context manager or call `close()`.
+
+    `part_spans` (benchmarks only): byte spans `(lo, hi)` inside a record, each read as its own
+    request for every neuron and never coalesced, i.e. what separate up/down matrices would cost
+    instead of one bundled record (PAPER.md point 3).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class FlashReader:
         max_request_bytes: int = 1 << 20,
         range_chunk_bytes: int = 4 << 20,
         alignment: int | None = None,
+        part_spans: Sequence[tuple[int, int]] | None = None,
     ):
         self.path = os.fspath(path)
         self.alignment = alignment or platform.direct_io_alignment()
@@ -133,6 +138,14 @@ class FlashReader:
             raise ValueError(f"threads={threads} must be >= 1")
         self.record_bytes = record_bytes
         self.threads = threads
+        self.part_spans = None
+        if part_spans is not None:
+            spans = np.asarray(part_spans, dtype=np.int64).reshape(-1, 2)
+            if (len(spans) == 0 or np.any(spans % self.alignment) or np.any(spans[:, 0] < 0)
+                    or np.any(spans[:, 1] <= spans[:, 0]) or np.any(spans[:, 1] > record_bytes)):
+                raise ValueError(f"part_spans {part_spans} must be non-empty, "
+                                 f"{self.alignment}-aligned spans inside the record")
+            self.part_spans = spans
         # Round limits down to whole records / alignment units so every request stays aligned.
         self.max_request_rows = max(1, max_request_bytes // record_bytes)
         self.range_chunk_bytes = max(
@@ -176,6 +189,15 @@ class FlashReader:
                 f"past the end of the file ({self.file_size} bytes)"
             )
 
+        rb = self.record_bytes
+        if self.part_spans is not None:  # unbundled: one request per neuron and part
+            lo, hi = self.part_spans[:, 0], self.part_spans[:, 1]
+            file_off = (layer_offset + ids[:, None] * rb + lo).reshape(-1)
+            dst = (np.arange(n, dtype=np.int64)[:, None] * rb + lo).reshape(-1)
+            sizes = np.broadcast_to(hi - lo, (n, len(lo))).reshape(-1)
+            self._run(file_off, dst, sizes, out.reshape(-1), t0)
+            return
+
         # Requests: runs of consecutive ids, each capped at max_request_rows.
         breaks = np.flatnonzero(ids[1:] != ids[:-1] + 1) + 1
         starts = np.concatenate(([0], breaks))
@@ -186,7 +208,6 @@ class FlashReader:
         first_piece = np.repeat(np.cumsum(pieces) - pieces, pieces)
         row0 = starts[run] + (np.arange(len(run)) - first_piece) * cap  # first out row
         rows = np.minimum(cap, starts[run] + lengths[run] - row0)
-        rb = self.record_bytes
         file_off = layer_offset + ids[row0] * rb
         self._run(file_off, row0 * rb, rows * rb, out.reshape(-1), t0)
 

@@ -1,0 +1,225 @@
+"""`mlx-flash bench`: strategies on real sparsity (opt-fixture), the synthetic model, baselines."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_flash import bench, probe, runtime
+from mlx_flash import format as fmt
+from mlx_flash.convert import convert
+from mlx_flash.loader import load_dense
+from mlx_flash.storage import FlashReader, aligned_empty
+from tools.synthetic_flash import write_synthetic_flash
+
+from .conftest import ROOT, fixture_path
+
+PROMPT = "The open() function returns a file descriptor."
+# A plausible disk: slow small reads, fast large ones (the bench only needs a profile to compare).
+PROFILE = dict(sizes=[4096, 16384, 65536, 1 << 20], threads=[1, 16],
+               gb_per_s=[[0.05, 0.4], [0.2, 0.9], [0.6, 1.8], [1.5, 2.0]])
+
+
+def _profile(path) -> probe.Profile:
+    return probe.Profile(**PROFILE, path=str(path), device=os.stat(path).st_dev)
+
+
+@pytest.fixture(autouse=True)
+def quick_disk_reference(monkeypatch):
+    monkeypatch.setattr(bench, "PROBE_NOW_SECONDS", 0.05)
+
+
+def _exact_predictors(path) -> None:
+    """predictors.safetensors that predict exactly the active set: rank d, A = I, B = fc1."""
+    m = fmt.read_manifest(path)
+    resident = mx.load(str(m.resident_path))
+    tensors = {}
+    for i in range(m.num_layers):
+        records = fmt.read_layer_records(m, i)
+        tensors[f"layers.{i}.A"] = mx.eye(m.d_model, dtype=m.mx_dtype)
+        tensors[f"layers.{i}.B"] = fmt.to_mx(records[:, : m.d_model], m.dtype)
+        tensors[f"layers.{i}.bias"] = resident[f"model.decoder.layers.{i}.fc1.bias"]
+        tensors[f"layers.{i}.threshold"] = mx.array([0.5], dtype=mx.float32)
+    mx.save_safetensors(str(path / "predictors.safetensors"), tensors)
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    path = convert(str(fixture_path("opt-fixture")), out=str(tmp_path_factory.mktemp("b") / "f"),
+                   dtype="float16", align=4096, progress=False)
+    _exact_predictors(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    out = write_synthetic_flash(root / "flash", d_model=256, ffn_dim=2048, layers=2, vocab=8192,
+                                max_pos=64, checkpoint=root / "hf")
+    return out, root / "hf"
+
+
+# -- synthetic model ---------------------------------------------------------------------------
+
+
+def test_planted_statistics():
+    """The paper's OPT-6.7B figures: ~10% predicted (3.3% active + 7% false positives), window
+    of 4 holding ~25% of the FFN, ~2.4% fresh per token."""
+    spec = bench.synthetic_spec()
+    predicted, fresh, held = bench.planted_stats(spec, 8192, steps=300)
+    assert predicted == pytest.approx(0.033 + 0.07 * 0.967, abs=0.005)
+    assert held == pytest.approx(0.25, abs=0.015)
+    assert fresh == pytest.approx(0.024, abs=0.004)
+    assert spec["expected_fresh_fraction"] == pytest.approx(0.0224, abs=0.001)
+    with pytest.raises(ValueError, match="unreachable"):
+        bench.synthetic_spec(held=0.5)
+
+
+def test_synthetic_predictor_is_deterministic_per_layer():
+    spec = bench.synthetic_spec()
+    a, b, c = (bench.SyntheticPredictor(1024, layer, spec) for layer in (0, 0, 1))
+    x = mx.zeros((3, 8))
+    ma, mb, mc = (np.array(p(x)) for p in (a, b, c))
+    assert ma.shape == (3, 1024) and ma.dtype == np.bool_
+    assert np.array_equal(ma, mb) and not np.array_equal(ma, mc)
+    assert a.steps == 3 and a.predicted == int(ma.sum())
+
+
+def test_synthetic_flash_dir_matches_its_checkpoint(synthetic):
+    flash, hf = synthetic
+    m = fmt.read_manifest(flash)
+    assert (m.d_model, m.ffn_dim, m.num_layers, m.dtype) == (256, 2048, 2, "bfloat16")
+    assert m.source == str(hf.resolve()) and (flash / bench.SYNTHETIC_FILE).is_file()
+    a, tok = load_dense(flash)
+    b, _ = load_dense(hf)
+    ids = mx.array([tok.encode(PROMPT)])
+    assert np.array_equal(np.array(a(ids).astype(mx.float32)), np.array(b(ids).astype(mx.float32)))
+    assert not (flash.parent / "flash.partial").exists()
+
+
+def test_mapped_baseline_computes_the_dense_model(synthetic):
+    _, hf = synthetic
+    dense, tok = load_dense(hf)
+    mapped, _, counters = bench._mapped_model(hf)
+    assert _greedy(mapped, tok) == _greedy(dense, tok)
+    assert counters.seconds > 0 and len(counters.buffers) == 16  # one layer's tensors, reused
+
+
+# -- runtime pieces the bench needs ------------------------------------------------------------
+
+
+def test_unbundled_reads_fetch_the_same_bytes_in_two_requests_per_neuron(tmp_path):
+    rb = 16384
+    data = np.random.default_rng(0).integers(0, 256, 64 * rb, dtype=np.uint8)
+    (tmp_path / "f").write_bytes(data.tobytes())
+    ids = np.array([1, 2, 3, 10, 40])
+    _, bundled = aligned_empty(len(ids), rb)
+    _, split = aligned_empty(len(ids), rb)
+    with FlashReader(tmp_path / "f", rb, 4) as r, \
+            FlashReader(tmp_path / "f", rb, 4, part_spans=[(0, 8192), (8192, 16384)]) as s:
+        r.read(0, ids, bundled)
+        s.read(0, ids, split)
+        assert r.snapshot().requests == 3  # 1-3 coalesce
+        assert s.snapshot().requests == 10 and s.snapshot().bytes == r.snapshot().bytes
+    assert np.array_equal(bundled, split)
+    assert np.array_equal(split, data.reshape(64, rb)[ids])
+    with pytest.raises(ValueError, match="aligned spans"):
+        FlashReader(tmp_path / "f", rb, 1, part_spans=[(0, 100)])
+
+
+def _greedy(model, tok, n=8):
+    cache = model.make_cache()
+    y = mx.argmax(model(mx.array([tok.encode(PROMPT)]), cache=cache)[0, -1])
+    out = []
+    for _ in range(n):
+        out.append(int(y))
+        y = mx.argmax(model(y.reshape(1, 1), cache=cache)[0, -1])
+    return out
+
+
+def test_hybrid_and_unbundled_modes_are_exact(fixture_dir):
+    dense, tok = load_dense(fixture_dir)
+    want = _greedy(dense, tok)
+    m = fmt.read_manifest(fixture_dir)
+    hybrid, _ = runtime.load(fixture_dir, memory="1GB", mode="hybrid", capacity=500)
+    assert _greedy(hybrid, tok) == want
+    s = hybrid.flash_stats()
+    assert s["flash_bytes_per_token"] == m.num_layers * (m.ffn_dim - 500) * m.record_bytes
+    split, _ = runtime.load(fixture_dir, memory="1GB", mode="predicted", bundled=False)
+    assert _greedy(split, tok) == want  # exact predictors: the oracle's tokens
+    s = split.flash_stats()
+    neurons = split.flash_runtime.stats.misses + split.flash_runtime.stats.overflow
+    # Parts of 768 bytes share one 4 KiB page: two reads of it per neuron.
+    assert s["read_requests_per_token"] * s["decode_tokens"] == 2 * neurons
+    assert s["flash_bytes_per_token"] * s["decode_tokens"] == 2 * neurons * m.record_bytes
+
+
+# -- the bench -----------------------------------------------------------------------------------
+
+
+def test_bench_on_opt_fixture(fixture_dir):
+    m = fmt.read_manifest(fixture_dir)
+    result = bench.bench(fixture_dir, memory="100%model", tokens=4, prompt=PROMPT,
+                         strategies="naive,predicted,window,all,mmap",
+                         profile=_profile(fixture_dir))
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert not result["synthetic"]
+    for name in ("naive", "predicted", "+window", "all"):
+        assert rows[name]["status"] == "ok", rows[name]
+        r = rows[name]
+        assert r["tokens"] == 4 and r["token_ms"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["predicted_io_ms"] > 0 and r["floor_ms"] > 0 and r["probe_now_gb_per_s"] > 0
+        assert r["token_ms"] >= r["io_ms"] + r["cache_ms"] - 1e-6
+    assert rows["naive"]["flash_bytes_per_token"] == m.num_layers * m.ffn_dim * m.record_bytes
+    # Real sparsity: predicted reads a fraction; the window cuts fresh reads further; bundling
+    # halves them here (two 768-byte parts per 4 KiB page read separately without it).
+    assert rows["predicted"]["flash_bytes_per_token"] < 0.5 * rows["naive"]["flash_bytes_per_token"]
+    assert rows["+window"]["flash_bytes_per_token"] < rows["predicted"]["flash_bytes_per_token"]
+    assert rows["all"]["flash_bytes_per_token"] == pytest.approx(
+        rows["+window"]["flash_bytes_per_token"] / 2, rel=0.01)
+    assert rows["+window"]["fresh_fraction"] < rows["predicted"]["fresh_fraction"]
+    assert rows["all"]["threads"] == 16 and rows["all"]["max_request_bytes"] == 1 << 20
+    # The mmap baseline: under a memory cgroup when root, otherwise skipped with the reason.
+    if bench._cgroup_parent() is None:
+        assert rows["mmap"]["status"] == "skipped" and "memory limit" in rows["mmap"]["reason"]
+    else:
+        assert rows["mmap"]["status"] == "ok", rows["mmap"]
+        assert rows["mmap"]["cgroup_peak_bytes"] <= rows["mmap"]["limit_bytes"]
+    claims = {c["claim"].split(":")[0] for c in result["summary"]}
+    assert "flash bytes per token" in claims and "end to end" in claims
+    table = bench.format_table(result)
+    assert "| naive |" in table and "| +window |" in table and "SYNTHETIC" not in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 5
+
+
+def test_bench_cli_on_the_synthetic_model(synthetic, tmp_path):
+    flash, _ = synthetic
+    file = tmp_path / "probe.json"
+    probe.save_profile(_profile(flash), file)
+    env = {**os.environ, "MLX_FLASH_PROBE": str(file), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.cli", "bench", "--model", str(flash), "--memory",
+         "90%model", "--tokens", "3", "--strategies", "dense,hybrid,+bundling,mmap-nolimit",
+         "--json"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["synthetic"] and result["checkpoint"] == str(synthetic[1].resolve())
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    m = fmt.read_manifest(flash)
+    resident = round(rows["hybrid"]["capacity_fraction"] * m.ffn_dim)
+    assert rows["hybrid"]["flash_bytes_per_token"] == m.num_layers * (m.ffn_dim - resident) * m.record_bytes
+    assert 0.05 < rows["+bundling"]["predicted_fraction"] < 0.15  # planted ~10%
+    assert rows["dense"]["io_ms"] == 0 and rows["mmap-nolimit"]["io_ms"] > 0
+
+
+def test_bench_rejects_unknown_strategies(fixture_dir):
+    from mlx_flash.errors import FlashError
+
+    with pytest.raises(FlashError, match="unknown strategy 'fast'"):
+        bench.bench(fixture_dir, strategies="naive,fast", profile=_profile(fixture_dir))
+    assert bench.parse_strategies("window, bundling ,all") == ["+window", "+bundling", "all"]

@@ -1,0 +1,251 @@
+"""Write a synthetic flash model dir directly (no HF checkpoint + convert): OPT shapes, random
+weights, planted FFN activity for benchmarks.
+
+Default: OPT-6.7B shapes (d 4096, FFN 16384, 32 layers, vocab 50272, 2048 positions) in bfloat16
+(13.3 GB, the size of the fp16 original; bfloat16 because MLX's CPU matvec is 2x faster in it
+than in float16). Weights are random values of magnitude 0.002-0.03 with random signs; the FFN
+activity is not in the weights but in `synthetic_predictors.json` (see mlx_flash/bench.py,
+SyntheticPredictor): per layer and token about 3.3% of the neurons truly active, 7% of the others
+predicted on top (false positives), and consecutive tokens overlapping so that a window of 4
+holds about a quarter of the FFN and about 2.5% of it is loaded fresh per token. Results from
+this model are synthetic: speed, I/O and memory only, never quality.
+
+    python tools/synthetic_flash.py OUT [--checkpoint HF_DIR] [--d-model 4096 --ffn-dim 16384
+        --layers 32 --vocab 50272 --dtype bfloat16 --align 4096] [--force]
+
+`--checkpoint HF_DIR` also writes the same weights as a Hugging Face checkpoint (one
+model.safetensors, dense layout) for the dense and mmap baselines of `mlx-flash bench`; the
+flash dir's manifest names it as its `source`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from mlx_flash import format as fmt
+from mlx_flash import platform
+from mlx_flash.bench import SYNTHETIC_FILE, synthetic_spec
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "opt-tiny"
+FLUSH_BYTES = 256 << 20
+ONE = {"float16": 0x3C00, "bfloat16": 0x3F80}  # 1.0 as 16-bit patterns
+
+
+def _random_values(rng: np.random.Generator, n: int, dtype: str) -> np.ndarray:
+    """`n` random values in storage form (uint16 bits for 16-bit floats): random sign and
+    mantissa, exponent giving magnitudes in [2^-9, 2^-5), i.e. 0.002 to 0.03."""
+    if dtype == "float32":
+        return (rng.standard_normal(n, dtype=np.float32) * 0.02).astype("<f4")
+    r = np.frombuffer(rng.bytes(2 * n), dtype="<u2")
+    if dtype == "bfloat16":  # sign 1 | exponent 8 | mantissa 7; exponent 118..121
+        return (r & 0x807F) | ((118 + ((r >> 7) & 3)) << 7)
+    return (r & 0x83FF) | ((6 + ((r >> 10) & 3)) << 10)  # float16: exponent 6..9 of 5 bits
+
+
+def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndarray:
+    """The value of a non-FFN tensor: norms weight 1, biases 0, matrices random (seeded by name)."""
+    n = int(np.prod(shape))
+    if name.endswith("norm.weight"):
+        fill = 1.0 if dtype == "float32" else ONE[dtype]
+        return np.full(shape, fill, dtype=fmt.DTYPES[dtype][3])
+    if name.endswith(".bias"):
+        return np.zeros(shape, dtype=fmt.DTYPES[dtype][3])
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return _random_values(rng, n, dtype).reshape(shape)
+
+
+def _layer_records(m: fmt.Manifest, layer: int, seed: int) -> np.ndarray:
+    """(ffn, record_values) records of one layer: random payload, zero padding."""
+    rng = np.random.default_rng([seed, 1_000_003, layer])
+    payload = m.payload_bytes // m.itemsize
+    records = np.zeros((m.ffn_dim, m.record_values), dtype=m.np_dtype)
+    records[:, :payload] = _random_values(rng, m.ffn_dim * payload, m.dtype).reshape(m.ffn_dim, -1)
+    return records
+
+
+class _Sink:
+    """A file written in order, flushed and evicted from the page cache as it goes."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.pending = path, open(path, "wb"), 0
+
+    def write(self, data: np.ndarray | bytes) -> None:
+        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data
+        self.pending += self.f.write(buf)
+        if self.pending >= FLUSH_BYTES:
+            self.f.flush()
+            platform.evict_from_page_cache(self.path)
+            self.pending = 0
+
+    def close(self) -> int:
+        self.f.flush()
+        platform.evict_from_page_cache(self.path)
+        size = self.f.tell()
+        self.f.close()
+        return size
+
+
+def _safetensors_header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    header, pos = {"__metadata__": {"format": "pt", "synthetic": "true"}}, 0
+    for name, dtype, shape in specs:
+        nbytes = int(np.prod(shape)) * fmt.ITEMSIZE[dtype]
+        header[name] = {"dtype": fmt.ST_NAME[dtype], "shape": list(shape),
+                        "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _config(d_model, ffn_dim, layers, vocab, max_pos, dtype) -> dict:
+    return {
+        "model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": d_model,
+        "ffn_dim": ffn_dim, "num_hidden_layers": layers, "num_attention_heads": max(1, d_model // 128),
+        "vocab_size": vocab, "max_position_embeddings": max_pos, "word_embed_proj_dim": d_model,
+        "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
+        "tie_word_embeddings": True, "torch_dtype": dtype, "bos_token_id": 2, "eos_token_id": 2,
+        "pad_token_id": 1, "synthetic": True,
+    }
+
+
+def write_synthetic_flash(
+    out: str | Path, d_model: int = 4096, ffn_dim: int = 16384, layers: int = 32,
+    vocab: int = 50272, max_pos: int = 2048, dtype: str = "bfloat16", align: int = 4096,
+    checkpoint: str | Path | None = None, seed: int = 0, force: bool = False,
+    spec: dict | None = None, progress: bool = False,
+) -> Path:
+    """Write the flash dir `out` (atomically, via `out.partial`) and optionally an HF checkpoint
+    with the same weights; returns `out`. `spec`: synthetic predictor parameters (default
+    `synthetic_spec()`)."""
+    out = Path(out)
+    tokens = len(json.loads((EMBEDDED / "tokenizer.json").read_text())["model"]["vocab"])
+    if vocab < tokens:
+        raise SystemExit(f"--vocab {vocab} is below the tokenizer's {tokens} tokens")
+    targets = [out] + ([Path(checkpoint)] if checkpoint else [])
+    for t in targets:
+        if t.exists() and not force:
+            raise SystemExit(f"{t} exists; pass --force to replace it")
+    config = _config(d_model, ffn_dim, layers, vocab, max_pos, dtype)
+    names = [("model.decoder.embed_tokens.weight", (vocab, d_model)),
+             ("model.decoder.embed_positions.weight", (max_pos + 2, d_model)),
+             ("model.decoder.final_layer_norm.weight", (d_model,)),
+             ("model.decoder.final_layer_norm.bias", (d_model,))]
+    per_layer = []
+    for i in range(layers):
+        p = f"model.decoder.layers.{i}."
+        block = []
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            block += [(p + f"self_attn.{proj}.weight", (d_model, d_model)),
+                      (p + f"self_attn.{proj}.bias", (d_model,))]
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            block += [(p + f"{norm}.weight", (d_model,)), (p + f"{norm}.bias", (d_model,))]
+        block += [(p + "fc1.bias", (ffn_dim,)), (p + "fc2.bias", (d_model,))]
+        per_layer.append(block)
+    resident = {n: (dtype, s) for n, s in sorted(names + [x for b in per_layer for x in b])}
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    hf_partial = None
+    try:
+        m = fmt.new_manifest(
+            partial, "opt", dtype, d_model, ffn_dim, layers, alignment=align,
+            biases={"fc1", "fc2"}, resident_tensors=resident,
+            source=str(Path(checkpoint).resolve()) if checkpoint else "synthetic",
+            created_by="tools/synthetic_flash.py",
+        )
+        hf = None
+        if checkpoint:
+            hf_partial = Path(checkpoint).with_name(Path(checkpoint).name + ".partial")
+            shutil.rmtree(hf_partial, ignore_errors=True)
+            hf_partial.mkdir(parents=True)
+            hf_specs = [(n, dtype, s) for n, s in names]
+            for i, block in enumerate(per_layer):
+                p = f"model.decoder.layers.{i}."
+                hf_specs += [(n, dtype, s) for n, s in block]
+                hf_specs += [(p + "fc1.weight", dtype, (ffn_dim, d_model)),
+                             (p + "fc2.weight", dtype, (d_model, ffn_dim))]
+            hf = _Sink(hf_partial / "model.safetensors")
+            hf.write(_safetensors_header(hf_specs))
+            for n, s in names:
+                hf.write(_tensor(n, s, dtype, seed))
+        t0 = time.time()
+        ffn = _Sink(m.ffn_path)
+        ffn.write(m.ffn_header())
+        for i in range(layers):
+            records = _layer_records(m, i, seed)
+            ffn.write(records)
+            if hf is not None:
+                for n, s in per_layer[i]:
+                    hf.write(_tensor(n, s, dtype, seed))
+                hf.write(records[:, :d_model])  # fc1 (ffn, d)
+                hf.write(records[:, d_model : 2 * d_model].T)  # fc2 (d, ffn)
+            del records
+            if progress:
+                print(f"\rlayer {i + 1}/{layers}  {time.time() - t0:.0f} s", end="", file=sys.stderr)
+        if progress:
+            print(file=sys.stderr)
+        if ffn.close() != m.ffn_bytes:
+            raise RuntimeError("ffn.bundles has the wrong size (internal error)")
+        if hf is not None:
+            hf.close()
+        sink = _Sink(m.resident_path)
+        sink.write(_safetensors_header([(n, d, s) for n, (d, s) in resident.items()]))
+        for n, (_, s) in resident.items():
+            sink.write(_tensor(n, s, dtype, seed))
+        m = dataclasses.replace(m, resident_bytes=sink.close())
+        for target in [partial] + ([hf_partial] if hf_partial else []):
+            (target / "config.json").write_text(json.dumps(config, indent=1))
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(EMBEDDED / name, target / name)
+        (partial / SYNTHETIC_FILE).write_text(json.dumps(spec or synthetic_spec(seed=seed), indent=1))
+        fmt.write_manifest(m)
+        fmt.read_manifest(partial)  # the output must pass its own reader
+        for target, final in ((partial, out), (hf_partial, checkpoint)):
+            if target is None:
+                continue
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(target, final)
+        # The manifest's path moved with the rename; re-validate where it now lives.
+        fmt.read_manifest(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if hf_partial is not None:
+            shutil.rmtree(hf_partial, ignore_errors=True)
+        raise
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--checkpoint", help="also write the same weights as an HF checkpoint here")
+    ap.add_argument("--d-model", type=int, default=4096)
+    ap.add_argument("--ffn-dim", type=int, default=16384)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=50272)
+    ap.add_argument("--max-pos", type=int, default=2048)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(fmt.DTYPES))
+    ap.add_argument("--align", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args()
+    t = time.time()
+    out = write_synthetic_flash(a.out, a.d_model, a.ffn_dim, a.layers, a.vocab, a.max_pos, a.dtype,
+                                a.align, a.checkpoint, a.seed, a.force, progress=True)
+    print(f"wrote {out} in {time.time() - t:.0f} s" + (f" (and {a.checkpoint})" if a.checkpoint else ""))
+
+
+if __name__ == "__main__":
+    main()
