@@ -29,7 +29,6 @@ from .storage import FlashReader, ReadStats, aligned_empty
 MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted")
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "gelu": nn.gelu}
 DEFAULT_WINDOW = 4
-DEFAULT_THREADS = 16
 _MLP_BIAS = re.compile(r"\.layers\.(\d+)\.mlp\.(\w+)\.bias$")
 
 
