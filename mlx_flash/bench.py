@@ -151,18 +151,6 @@ def planted_stats(spec: dict, ffn_dim: int, steps: int = 200, window: int = 4, l
 # Real memory limits: a cgroup v1 memory group per worker
 
 
-def _cgroup_parent() -> Path | None:
-    """This process's memory cgroup (v1) when we may create groups in it (root), else None."""
-    root = Path("/sys/fs/cgroup/memory")
-    if not platform.IS_LINUX or os.geteuid() != 0 or not (root / "cgroup.procs").exists():
-        return None
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, where = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return root / where.lstrip("/")
-    return root
-
-
 @contextlib.contextmanager
 def _memory_group(parent: Path | None, name: str, limit: int):
     """A memory group limited to `limit` bytes (page cache included), removed afterwards."""
@@ -489,7 +477,7 @@ def bench(
     cost = CostModel(profile)
     probed_threads, probed_request = profile.reader_settings(m.record_bytes)
     ckpt = _source_checkpoint(m, checkpoint)
-    parent = _cgroup_parent() if limit else None
+    parent = platform.memory_cgroup() if limit else None
     limit_bytes = budget.total + LIMIT_OVERHEAD
     has_predictors = (path / "predictors.safetensors").exists() or (path / SYNTHETIC_FILE).exists()
 

@@ -10,6 +10,7 @@ import errno
 import os
 import resource
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 IS_LINUX = sys.platform.startswith("linux")
@@ -146,3 +147,19 @@ def physical_memory_bytes() -> int:
     import subprocess
 
     return int(subprocess.check_output(["sysctl", "-n", "hw.memsize"], text=True))
+
+
+def memory_cgroup() -> Path | None:
+    """This process's cgroup v1 memory group when new groups may be made in it (Linux, root).
+
+    Benchmarks and tests put a process in a child group to enforce a real memory limit (page
+    cache included). None elsewhere.
+    """
+    root = Path("/sys/fs/cgroup/memory")
+    if not IS_LINUX or os.geteuid() != 0 or not (root / "cgroup.procs").exists():
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, where = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return root / where.lstrip("/")
+    return root

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_flash import bench, probe, runtime
+from mlx_flash import bench, platform, probe, runtime
 from mlx_flash import format as fmt
 from mlx_flash.convert import convert
 from mlx_flash.loader import load_dense
@@ -184,7 +184,7 @@ def test_bench_on_opt_fixture(fixture_dir):
     assert rows["+window"]["fresh_fraction"] < rows["predicted"]["fresh_fraction"]
     assert rows["all"]["threads"] == 16 and rows["all"]["max_request_bytes"] == 1 << 20
     # The mmap baseline: under a memory cgroup when root, otherwise skipped with the reason.
-    if bench._cgroup_parent() is None:
+    if platform.memory_cgroup() is None:
         assert rows["mmap"]["status"] == "skipped" and "memory limit" in rows["mmap"]["reason"]
     else:
         assert rows["mmap"]["status"] == "ok", rows["mmap"]

@@ -17,7 +17,7 @@ from huggingface_hub import errors as hf_errors
 
 from mlx_flash import convert as convert_mod
 from mlx_flash import format as fmt
-from mlx_flash import hub
+from mlx_flash import hub, platform
 from mlx_flash.convert import convert
 from mlx_flash.errors import FlashError
 
@@ -299,28 +299,17 @@ def test_peak_memory_of_converting_opt_fixture(tmp_path):
     assert peak - base < 64 * 2**20
 
 
-def _memory_cgroup_root() -> Path | None:
-    root = Path("/sys/fs/cgroup/memory")
-    if os.geteuid() != 0 or not (root / "cgroup.procs").exists():
-        return None
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, where = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return root / where.lstrip("/")
-    return root
-
-
 _HOG = "import numpy as np; a = np.ones(400 << 20, np.uint8); print(int(a.sum()))"
 
 
-@pytest.mark.skipif(_memory_cgroup_root() is None, reason="needs root and the cgroup v1 memory controller")
+@pytest.mark.skipif(platform.memory_cgroup() is None, reason="needs root and the cgroup v1 memory controller")
 def test_converts_model_larger_than_its_memory_limit(tmp_path):
     """A 640 MiB FFN converts in a 300 MiB cgroup; a 400 MiB allocation there is killed."""
     limit = 300 << 20
     src = make_checkpoint(tmp_path / "big", d=1024, ffn=4096, layers=40, extra=False)
     ffn_source = 40 * 2 * 1024 * 4096 * 2
     assert ffn_source > 2 * limit
-    group = _memory_cgroup_root() / f"mlx-flash-test-{os.getpid()}"
+    group = platform.memory_cgroup() / f"mlx-flash-test-{os.getpid()}"
     group.mkdir()
     try:
         _convert_under_limit(group, limit, src, tmp_path / "out", ffn_source)
