@@ -375,7 +375,7 @@ def load(
     weights = model.sanitize(dict(mx.load(str(manifest.resident_path))))
     biases = _mlp_biases(weights)
     if threads is None or max_request_bytes is None:
-        from .probe import reader_settings
+        from .profiles import reader_settings
 
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request

@@ -9,8 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_flash import bench, platform, probe, runtime
+from mlx_flash import bench, platform, profiles, runtime
 from mlx_flash import format as fmt
+from mlx_flash.bench.mmap import _mapped_model
 from mlx_flash.convert import convert
 from mlx_flash.loader import load_dense
 from mlx_flash.storage import FlashReader, aligned_empty
@@ -24,13 +25,13 @@ PROFILE = dict(sizes=[4096, 16384, 65536, 1 << 20], threads=[1, 16],
                gb_per_s=[[0.05, 0.4], [0.2, 0.9], [0.6, 1.8], [1.5, 2.0]])
 
 
-def _profile(path) -> probe.Profile:
-    return probe.Profile(**PROFILE, path=str(path), device=os.stat(path).st_dev)
+def _profile(path) -> profiles.Profile:
+    return profiles.Profile(**PROFILE, path=str(path), device=os.stat(path).st_dev)
 
 
 @pytest.fixture(autouse=True)
 def quick_disk_reference(monkeypatch):
-    monkeypatch.setattr(bench, "PROBE_NOW_SECONDS", 0.05)
+    monkeypatch.setattr("mlx_flash.bench.driver.PROBE_NOW_SECONDS", 0.05)
 
 
 def _exact_predictors(path) -> None:
@@ -104,7 +105,7 @@ def test_synthetic_flash_dir_matches_its_checkpoint(synthetic):
 def test_mapped_baseline_computes_the_dense_model(synthetic):
     _, hf = synthetic
     dense, tok = load_dense(hf)
-    mapped, _, counters = bench._mapped_model(hf)
+    mapped, _, counters = _mapped_model(hf)
     assert _greedy(mapped, tok) == _greedy(dense, tok)
     assert counters.seconds > 0 and len(counters.buffers) == 16  # one layer's tensors, reused
 
@@ -199,7 +200,7 @@ def test_bench_on_opt_fixture(fixture_dir):
 def test_bench_cli_on_the_synthetic_model(synthetic, tmp_path):
     flash, _ = synthetic
     file = tmp_path / "probe.json"
-    probe.save_profile(_profile(flash), file)
+    profiles.save_profile(_profile(flash), file)
     env = {**os.environ, "MLX_FLASH_PROBE": str(file), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_flash.cli", "bench", "--model", str(flash), "--memory",

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_flash import probe
-from mlx_flash.costmodel import CostModel
+from mlx_flash import probe, profiles
+from mlx_flash.bench.costmodel import CostModel
 from mlx_flash.errors import FlashError
 
 SIZES = [4 << 10, 16 << 10, 64 << 10]
@@ -45,29 +45,29 @@ def test_probe_measures_every_cell(small_profile):
 def test_profile_round_trip_and_reader_settings(small_profile, tmp_path, monkeypatch):
     file = tmp_path / "probe.json"
     monkeypatch.setenv("MLX_FLASH_PROBE", str(file))
-    assert probe.load_profile(small_profile.path) is None
-    assert probe.reader_settings(small_profile.path, 16384) == (16, 1 << 20)  # the defaults
-    assert probe.save_profile(small_profile) == file
-    loaded = probe.load_profile(small_profile.path)
+    assert profiles.load_profile(small_profile.path) is None
+    assert profiles.reader_settings(small_profile.path, 16384) == (16, 1 << 20)  # the defaults
+    assert profiles.save_profile(small_profile) == file
+    loaded = profiles.load_profile(small_profile.path)
     assert loaded == small_profile
-    threads, request = probe.reader_settings(small_profile.path, 16384)
+    threads, request = profiles.reader_settings(small_profile.path, 16384)
     assert (threads, request) == small_profile.reader_settings(16384)
     assert threads in THREADS and request >= 16384 and request in SIZES
     # A broken profile file never stops the runtime: reader_settings falls back to defaults.
     file.write_text("{not json")
-    assert probe.reader_settings(small_profile.path, 16384) == (16, 1 << 20)
+    assert profiles.reader_settings(small_profile.path, 16384) == (16, 1 << 20)
     with pytest.raises(FlashError, match="re-run `mlx-flash probe`"):
-        probe.load_profile(small_profile.path)
+        profiles.load_profile(small_profile.path)
 
 
 def test_profile_rejects_a_bad_table():
     d = _profile([[1.0, 2.0]], sizes=[4096, 16384]).to_dict()
     with pytest.raises(FlashError, match="re-run"):
-        probe.Profile.from_dict(d)
+        profiles.Profile.from_dict(d)
     d = _profile([[1.0], [2.0]], sizes=[4096, 16384]).to_dict()
     d["version"] = 99
     with pytest.raises(FlashError, match="version"):
-        probe.Profile.from_dict(d)
+        profiles.Profile.from_dict(d)
 
 
 def test_probe_refuses_bad_arguments(tmp_path):
@@ -79,7 +79,7 @@ def test_probe_refuses_bad_arguments(tmp_path):
 
 def _profile(table, sizes=(4 << 10, 16 << 10, 64 << 10, 256 << 10), threads=None):
     threads = threads or list(range(1, len(table[0]) + 1))
-    return probe.Profile(sizes=list(sizes), threads=threads, gb_per_s=table)
+    return profiles.Profile(sizes=list(sizes), threads=threads, gb_per_s=table)
 
 
 NOISY = [[0.05, 0.3, 0.4], [0.1, 0.9, 1.0], [0.7, 1.7, 1.6], [1.5, 1.4, 2.4]]  # like this disk
@@ -130,7 +130,7 @@ def test_cli_probe_json(tmp_path):
     assert out["sizes"] == list(probe.SIZES) and out["threads"] == list(probe.THREADS)
     assert len(out["gb_per_s"]) == 6 and all(len(r) == 6 for r in out["gb_per_s"])
     assert out["saved"] == str(tmp_path / "probe.json") and out["threads_16k"] in probe.THREADS
-    assert probe.load_profile(tmp_path, tmp_path / "probe.json") is not None
+    assert profiles.load_profile(tmp_path, tmp_path / "probe.json") is not None
     assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]  # the scratch file is gone
 
 

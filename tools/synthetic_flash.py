@@ -4,7 +4,7 @@ weights, planted FFN activity for benchmarks.
 Default: OPT-6.7B shapes (d 4096, FFN 16384, 32 layers, vocab 50272, 2048 positions) in bfloat16
 (13.3 GB, the size of the fp16 original; bfloat16 because MLX's CPU matvec is 2x faster in it
 than in float16). Weights are random values of magnitude 0.002-0.03 with random signs; the FFN
-activity is not in the weights but in `synthetic_predictors.json` (see mlx_flash/bench.py,
+activity is not in the weights but in `synthetic_predictors.json` (see mlx_flash/bench/synthetic.py,
 SyntheticPredictor): per layer and token about 3.3% of the neurons truly active, 7% of the others
 predicted on top (false positives), and consecutive tokens overlapping so that a window of 4
 holds about a quarter of the FFN and about 2.5% of it is loaded fresh per token. Results from

@@ -1,19 +1,19 @@
 """The paper's I/O cost model on a probed volume: time = requests x latency(request size).
 
-From a `probe.Profile`, per thread count, the time one request of size s takes on average when
-`threads` of them are in flight is s / throughput(s). Measured tables are noisy, so the model
-makes them physically consistent before use: a larger request never takes less time (latency is
-non-decreasing in size) and never reads slower per byte (a large request can always be split into
-smaller ones), and between probed sizes the latency is linear in size (a fixed cost plus a
-per-byte cost). Outside the probed range: below, a request costs what the smallest probed one
-does; above, time grows with bytes at the largest size's throughput.
+From a `profiles.Profile`, per thread count, the time one request of size s takes on average
+when `threads` of them are in flight is s / throughput(s). Measured tables are noisy, so the
+model makes them physically consistent before use: a larger request never takes less time
+(latency is non-decreasing in size) and never reads slower per byte (a large request can always
+be split into smaller ones), and between probed sizes the latency is linear in size (a fixed cost
+plus a per-byte cost). Outside the probed range: below, a request costs what the smallest probed
+one does; above, time grows with bytes at the largest size's throughput.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .probe import Profile
+from ..profiles import Profile
 
 
 class CostModel:

@@ -1,0 +1,41 @@
+"""`mlx-flash bench`: the paper's strategies (Tables 2 and 3) on one model, prompt and budget.
+
+Every strategy runs in a process of its own (`python -m mlx_flash.bench --worker SPEC`), started
+cold: the model's files are dropped from the page cache first, and flash reads bypass it. Where
+the platform allows (Linux, root, cgroup v1 memory controller) the process runs under a real
+memory limit, page cache included: the memory budget plus LIMIT_OVERHEAD (driver.py) for what
+the interpreter allocates besides the model. The worker joins its memory group after its imports,
+so the libraries' own memory (charged before joining) is not counted against the model.
+
+Strategies, cumulative like the paper's Table 2 rows:
+  dense         every weight in memory (mlx-lm's way; no limit: the speed ceiling)
+  naive         the whole FFN read from flash every token
+  hybrid        the budget's share of each layer's neurons resident, the rest read every token
+  predicted     predictors pick the neurons; no window (window 1); each neuron two reads
+  +window       ... neurons of the last `window` tokens stay cached
+  +bundling     ... each neuron one read of its bundled record
+  all           ... reader threads and coalescing from the `mlx-flash probe` profile
+  mmap          every weight mapped from the dense checkpoint, under the same memory limit
+                (what llama.cpp does by default on a machine that is too small)
+  mmap-nolimit  the same without the limit (the mapping stays in the page cache)
+
+Modules: strategies (names, what each needs), driver (`bench`: one worker process per strategy,
+its memory group), worker (one strategy in one process), mmap (the mmap baseline), synthetic
+(planted predictors), report (cost model figures, claims, table, plot), costmodel.
+"""
+
+from .driver import DEFAULT_PROMPT, bench
+from .report import format_table, plot
+from .strategies import STRATEGIES, parse_strategies
+from .synthetic import (
+    SYNTHETIC_FILE,
+    SyntheticPredictor,
+    load_synthetic,
+    planted_stats,
+    synthetic_spec,
+)
+
+__all__ = [
+    "DEFAULT_PROMPT", "STRATEGIES", "SYNTHETIC_FILE", "SyntheticPredictor", "bench", "format_table",
+    "load_synthetic", "parse_strategies", "planted_stats", "plot", "synthetic_spec",
+]

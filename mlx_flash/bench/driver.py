@@ -1,0 +1,198 @@
+"""The orchestrator: each strategy in a worker process of its own, under a memory limit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .. import platform
+from ..errors import FlashError
+from .costmodel import CostModel
+from .mmap import _checkpoint_files
+from .report import _add_cost_model, _targets
+from .strategies import FLASH, _unavailable, parse_strategies
+from .synthetic import SYNTHETIC_FILE
+
+DEFAULT_PROMPT = "The open() function returns"
+DEFAULT_TOKENS = 8
+DEFAULT_MEMORY = "50%model"
+BENCH_CONTEXT = 256  # KV cache tokens the budget reserves: prompt and generated tokens fit
+LIMIT_OVERHEAD = 128 << 20
+PROBE_NOW_SECONDS = 1.0  # the disk reference measured right after each flash strategy
+UNPROBED = dict(threads=16, max_request_bytes=1 << 20)  # reader settings of the other strategies
+
+
+@contextlib.contextmanager
+def _memory_group(parent: Path | None, name: str, limit: int):
+    """A memory group limited to `limit` bytes (page cache included), removed afterwards."""
+    if parent is None:
+        yield None
+        return
+    group = parent / f"mlx-flash-bench-{os.getpid()}-{re.sub(r'[^a-z0-9]+', '-', name)}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        if (group / "memory.memsw.limit_in_bytes").exists():
+            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        yield group
+    finally:
+        with contextlib.suppress(OSError):
+            (group / "memory.force_empty").write_text("0")
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def _source_checkpoint(m, checkpoint: str | Path | None) -> Path | None:
+    """The dense HF checkpoint of the same weights: --checkpoint, else the manifest's source."""
+    for cand in (checkpoint, m.source):
+        if cand and Path(cand).is_dir() and (Path(cand) / "config.json").exists() \
+                and _checkpoint_files(Path(cand)):
+            return Path(cand)
+    if checkpoint:
+        raise FlashError(f"--checkpoint {checkpoint}: not an HF checkpoint dir with safetensors")
+    return None
+
+
+def bench(
+    model: str | Path,
+    memory: str = DEFAULT_MEMORY,
+    tokens: int = DEFAULT_TOKENS,
+    strategies: str | list[str] | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    window: int = 4,
+    max_context: int = BENCH_CONTEXT,
+    limit: bool = True,
+    checkpoint: str | Path | None = None,
+    profile=None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the strategies on the flash dir `model`; returns the JSON-able result (rows, summary).
+
+    `memory`: the budget (as `--memory`); `limit`: enforce it with a memory cgroup where
+    possible; `checkpoint`: the dense HF checkpoint for the dense and mmap baselines (default:
+    the manifest's `source` when it is a local dir); `profile`: a probe.Profile (default: the
+    volume's saved profile, probing it first when there is none).
+    """
+    from .. import probe as probe_mod
+    from ..checkpoint import load_config
+    from ..format import read_manifest
+    from ..memory import plan_budget
+    from ..profiles import load_profile, save_profile
+
+    say = progress or (lambda _: None)
+    path = Path(model)
+    m = read_manifest(path)
+    config = load_config(path)
+    names = parse_strategies(strategies)
+    if tokens < 1:
+        raise FlashError("--tokens must be >= 1")
+    budget = plan_budget(m, config, memory, max_context)
+    synthetic = bool(config.get("synthetic")) or (path / SYNTHETIC_FILE).exists()
+    if profile is None:
+        profile = load_profile(path)
+        if profile is None:
+            say(f"no probe profile for the volume of {path}: probing it first (mlx-flash probe)")
+            profile = probe_mod.probe(path, progress=say)
+            save_profile(profile)
+    cost = CostModel(profile)
+    probed_threads, probed_request = profile.reader_settings(m.record_bytes)
+    ckpt = _source_checkpoint(m, checkpoint)
+    parent = platform.memory_cgroup() if limit else None
+    limit_bytes = budget.total + LIMIT_OVERHEAD
+    has_predictors = (path / "predictors.safetensors").exists() or (path / SYNTHETIC_FILE).exists()
+
+    load_before = os.getloadavg()
+    rows = []
+    for name in names:
+        reason = _unavailable(name, budget, has_predictors, ckpt, parent, limit)
+        if reason:
+            rows.append({"strategy": name, "status": "skipped", "reason": reason})
+            say(f"{name}: skipped ({reason})")
+            continue
+        reader = (dict(threads=probed_threads, max_request_bytes=probed_request)
+                  if FLASH.get(name, {}).get("probed") else UNPROBED)
+        spec = dict(strategy=name, model=str(path), memory=str(memory), tokens=tokens,
+                    prompt=prompt, window=window, max_context=max_context,
+                    checkpoint=str(ckpt) if ckpt else None, **reader)
+        limited = name in FLASH or name == "mmap"
+        with _memory_group(parent if limited else None, name, limit_bytes) as group:
+            spec["cgroup"] = str(group) if group else None
+            row = _spawn(spec, say)
+            if group is not None:
+                row["limit_bytes"] = limit_bytes
+                row["cgroup_peak_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
+                if row["status"] != "ok" and row.get("returncode") == -9:
+                    row["reason"] = (f"killed under the {limit_bytes / 2**30:.2f} GiB memory "
+                                     "limit (out of memory)")
+        if row["status"] == "ok" and row.get("read_requests_per_token"):
+            row["probe_now_gb_per_s"] = _probe_now(m, row)
+        _add_cost_model(row, cost)
+        rows.append(row)
+    return {
+        "model": str(path),
+        "synthetic": synthetic,
+        "machine": probe_mod.machine(),
+        # Other work on the machine slows compute and reads alike; say how busy it was.
+        "load_average_before": round(load_before[0], 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        "architecture": m.architecture, "dtype": m.dtype, "d_model": m.d_model,
+        "ffn_dim": m.ffn_dim, "num_layers": m.num_layers, "record_bytes": m.record_bytes,
+        "model_bytes": budget.model, "memory": str(memory), "memory_budget_bytes": budget.total,
+        "memory_limit_bytes": limit_bytes if parent is not None else None,
+        "tokens": tokens, "prompt": prompt, "window": window, "max_context": max_context,
+        "checkpoint": str(ckpt) if ckpt else None,
+        "probe": {"path": profile.path, "created": profile.created, "direct": profile.direct,
+                  "threads": probed_threads, "max_request_bytes": probed_request},
+        "rows": rows,
+        "summary": _targets(rows),
+    }
+
+
+def _probe_now(m, row: dict) -> float:
+    """The disk right after a strategy ran: probe-style random reads of the model's own FFN file
+    at the strategy's mean request size (rounded to the alignment) and thread count."""
+    from ..probe import BATCH_BYTES, BATCH_REQUESTS, measure_cell
+    from ..storage import aligned_empty
+
+    threads, align = row["threads"], platform.direct_io_alignment()
+    size = row["flash_bytes_per_token"] / row["read_requests_per_token"]
+    size = max(align, round(size / align) * align)
+    _, out = aligned_empty(1, max(threads, min(BATCH_REQUESTS, BATCH_BYTES // size)) * size)
+    gbs, _ = measure_cell(m.ffn_path, size, threads, m.ffn_bytes // size, PROBE_NOW_SECONDS,
+                          np.random.default_rng(7), out.reshape(-1))
+    return round(gbs, 3)
+
+
+def _spawn(spec: dict, say: Callable[[str], None]) -> dict:
+    cmd = [sys.executable, "-m", "mlx_flash.bench", "--worker", json.dumps(spec)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail = []
+    try:
+        for line in proc.stderr:
+            line = line.rstrip()
+            tail = (tail + [line])[-20:]
+            say(line)
+        out = proc.stdout.read()
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode == 0:
+        return json.loads(out.strip().splitlines()[-1])
+    reason = next((t for t in reversed(tail) if t.strip()), f"exit code {proc.returncode}")
+    return {"strategy": spec["strategy"], "status": "failed", "returncode": proc.returncode,
+            "reason": reason[-300:]}

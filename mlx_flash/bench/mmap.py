@@ -1,0 +1,124 @@
+"""The mmap baseline: every weight mapped from the dense checkpoint, copied in layer by layer."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FlashError
+
+
+def _checkpoint_files(ckpt: Path) -> list[Path]:
+    return sorted(ckpt.glob("*.safetensors"))
+
+
+class _Mapped:
+    """Copies of mapped tensors in one set of reusable MLX buffers (every layer has the same
+    shapes). The page cache holds the model, as with llama.cpp's default mmap; the copy into MLX
+    memory (MLX cannot compute on foreign memory) is this baseline's only extra work, timed with
+    the page faults it triggers."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.buffers = {}  # parameter path inside a layer -> (MLX array, writable numpy view)
+
+    def fill(self, key: str, view: np.ndarray, bf16: bool):
+        import mlx.core as mx
+
+        if key not in self.buffers:
+            dtype = {np.float16: mx.float16, np.uint16: mx.uint16, np.float32: mx.float32}
+            arr = mx.zeros(view.shape, dtype=dtype[view.dtype.type])
+            mx.eval(arr)
+            self.buffers[key] = (arr, np.array(arr, copy=False))
+        arr, dst = self.buffers[key]
+        np.copyto(dst, view)  # page faults (disk reads under the limit) + memcpy
+        return arr.view(mx.bfloat16) if bf16 else arr
+
+
+class _Source:
+    """What a mapped layer reads: (parameter path, view of the mapping, is bf16) per tensor."""
+
+    def __init__(self, tensors: list, empty: dict, mapped: _Mapped):
+        self.tensors, self.empty, self.mapped = tensors, empty, mapped
+
+
+def _mapped_layer_class():
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    class MappedLayer(nn.Module):
+        """A decoder layer whose weights are copied in from the mapping at each call, then
+        dropped: the page cache (under the limit) is all that holds the model."""
+
+        def __init__(self, inner, source: _Source):
+            super().__init__()
+            self.inner, self._src = inner, source
+            inner.update(source.empty)
+
+        def __call__(self, x, mask=None, cache=None):
+            # The previous layer's output was evaluated: nothing pending reads the buffers.
+            src = self._src
+            t0 = time.perf_counter()
+            params = tree_unflatten([(k, src.mapped.fill(k, v, bf16)) for k, v, bf16 in src.tensors])
+            src.mapped.seconds += time.perf_counter() - t0
+            self.inner.update(params)
+            y = self.inner(x, mask, cache)
+            mx.eval(y)
+            self.inner.update(src.empty)
+            return y
+
+    return MappedLayer
+
+
+def _to_mx(view: tuple[np.ndarray, bool]):
+    import mlx.core as mx
+
+    arr, bf16 = view
+    a = mx.array(arr)
+    return a.view(mx.bfloat16) if bf16 else a
+
+
+def _mapped_model(ckpt: Path):
+    """The model with every weight memory-mapped from the checkpoint's safetensors files."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from .. import format as fmt
+    from ..checkpoint import load_config
+    from ..loader import build_model, load_tokenizer
+
+    model = build_model(load_config(ckpt))
+    views = {}
+    np_types = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
+    for f in _checkpoint_files(ckpt):
+        header, start = fmt.read_safetensors_header(f, f.name)
+        mapping = np.memmap(f, dtype=np.uint8, mode="r")
+        for name, e in header.items():
+            lo, hi = e["data_offsets"]
+            if e["dtype"] not in np_types:
+                raise FlashError(f"{f}: {name} is {e['dtype']}; the mmap baseline maps floats only")
+            view = mapping[start + lo : start + hi].view(np_types[e["dtype"]]).reshape(e["shape"])
+            views[name] = (view, e["dtype"] == "BF16")
+    by_layer, rest = defaultdict(list), {}
+    for name, (view, bf16) in views.items():
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if m is None:
+            rest[name] = (view, bf16)
+            continue
+        path = next(iter(model.sanitize({name: None})))  # HF name -> parameter path
+        by_layer[int(m.group(1))].append((re.sub(r"^.*\.layers\.\d+\.", "", path), view, bf16))
+    mapped, layer_class = _Mapped(), _mapped_layer_class()
+    layers = model.layers
+    for i, layer in enumerate(layers):
+        empty = tree_map(lambda _: mx.zeros((0,)), layer.parameters())
+        layers[i] = layer_class(layer, _Source(by_layer[i], empty, mapped))
+    # Embeddings, final norm: small, loaded once (the dense baselines count them too).
+    model.load_weights(list(model.sanitize({k: _to_mx(v) for k, v in rest.items()}).items()),
+                       strict=False)
+    mx.eval(model.parameters())
+    return model, load_tokenizer(ckpt), mapped

@@ -1,0 +1,159 @@
+"""What a bench result says: the cost model's figures per row, the claims, table and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .strategies import PREDICTED
+
+
+def _add_cost_model(row: dict, cost) -> None:
+    """Predicted I/O time (same threads) and the floor (best threads) for the reads measured."""
+    if row.get("status") != "ok" or not row.get("read_requests_per_token"):
+        return
+    nbytes, reqs, threads = row["flash_bytes_per_token"], row["read_requests_per_token"], row["threads"]
+    size = nbytes / reqs
+    row["mean_request_bytes"] = round(size)
+    row["predicted_io_ms"] = round(1000 * cost.seconds(nbytes, reqs, threads), 1)
+    row["floor_ms"] = round(1000 * cost.floor_seconds(nbytes, reqs), 1)
+    row["probe_gb_per_s"] = round(cost.throughput(size, threads), 3)
+    if row["read_gb_per_s"]:
+        row["throughput_vs_probe"] = round(row["read_gb_per_s"] / row["probe_gb_per_s"], 3)
+        if row.get("probe_now_gb_per_s"):
+            row["throughput_vs_probe_now"] = round(row["read_gb_per_s"] / row["probe_now_gb_per_s"], 3)
+    if row["floor_ms"]:
+        row["io_vs_floor"] = round(row["io_ms"] / row["floor_ms"], 3)
+
+
+def _targets(rows: list[dict]) -> list[dict]:
+    """The issue's claims, each with its measured value and whether it holds."""
+    ok = {r["strategy"]: r for r in rows if r.get("status") == "ok"}
+    out = []
+
+    def claim(what, value, target, met):
+        out.append({"claim": what, "value": value, "target": target, "met": bool(met)})
+
+    a, naive, mmap = ok.get("all"), ok.get("naive"), ok.get("mmap")
+    if a and naive and a.get("flash_bytes_per_token"):
+        ratio = naive["flash_bytes_per_token"] / a["flash_bytes_per_token"]
+        claim("flash bytes per token: naive / all", round(ratio, 1), ">= 20", ratio >= 20)
+    if a and a.get("throughput_vs_probe") is not None:
+        v = a["throughput_vs_probe"]
+        claim("all: read throughput / saved probe profile (same request size and threads)", v,
+              ">= 0.8", v >= 0.8)
+    if a and a.get("throughput_vs_probe_now") is not None:
+        v = a["throughput_vs_probe_now"]
+        claim("all: read throughput / probe of the same file right after (same size, threads)", v,
+              ">= 0.8", v >= 0.8)
+    if a and a.get("io_vs_floor") is not None:
+        v = a["io_vs_floor"]
+        claim("all: I/O ms per token / floor", v, "<= 1.5", v <= 1.5)
+    if a and naive:
+        v = round(naive["token_ms"] / a["token_ms"], 2)
+        claim("end to end: naive ms per token / all", v, ">= 5", v >= 5)
+    if a and mmap:
+        v = round(mmap["token_ms"] / a["token_ms"], 2)
+        claim("end to end: mmap (same memory limit) ms per token / all", v, "> 1", v > 1)
+        free = ok.get("mmap-nolimit")
+        if free and free.get("flash_bytes_per_token") == 0:
+            # Without a limit nothing is read from disk: its I/O ms is the copy into MLX memory
+            # alone, which llama.cpp (computing on the mapped pages) does not pay.
+            v = round((mmap["token_ms"] - free["io_ms"]) / a["token_ms"], 2)
+            claim("end to end: mmap without its copy into MLX memory (estimate) / all", v, "> 1",
+                  v > 1)
+    return out
+
+
+def _mb(n) -> str:
+    return "" if n is None else f"{n / 1e6:,.1f}"
+
+
+def _num(v, fmt: str = "{:,.1f}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def format_table(result: dict) -> str:
+    """The markdown table of a `bench` result, with its header lines and the claims."""
+    gb = 1e9
+    lines = []
+    if result["synthetic"]:
+        lines.append("**SYNTHETIC model** (random weights, planted sparsity): speed, I/O and "
+                     "memory only, no quality.")
+    lines.append(f"{result['model']}: {result['architecture']} d {result['d_model']}, FFN "
+                 f"{result['ffn_dim']}, {result['num_layers']} layers, {result['dtype']}, "
+                 f"{result['model_bytes'] / gb:.2f} GB; budget {result['memory']} = "
+                 f"{result['memory_budget_bytes'] / gb:.2f} GB; memory limit "
+                 + (f"{result['memory_limit_bytes'] / gb:.2f} GB (cgroup, page cache included)"
+                    if result["memory_limit_bytes"] else "none")
+                 + f"; {result['tokens']} tokens after a {len(result['prompt'])}-character prompt")
+    lines.append(f"{result['machine']} (load average {result['load_average_before']} before, "
+                 f"{result['load_average_after']} after); reads probed at {result['probe']['path']} "
+                 f"({result['probe']['created']})")
+    lines.append("")
+    lines.append("| strategy | flash MB/token | reads/token | GB/s | I/O ms | predicted I/O ms | "
+                 "floor ms | cache ms | compute ms | total ms | tokens/s | peak RSS MiB | notes |")
+    lines.append("|---|" + "---:|" * 11 + "---|")
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['strategy']} | " + " | " * 11 + f"{r['status']}: {r['reason']} |")
+            continue
+        notes = []
+        if r.get("threads"):
+            notes.append(f"{r['threads']} threads")
+        if r.get("fresh_fraction") is not None:
+            notes.append(f"fresh {r['fresh_fraction']:.1%}")
+        if r.get("held_fraction") is not None:
+            notes.append(f"held {r['held_fraction']:.1%}")
+        if r.get("predicted_fraction") is not None:
+            notes.append(f"predicted {r['predicted_fraction']:.1%}")
+        if r["strategy"] == "hybrid":
+            notes.append(f"{r['capacity_fraction']:.0%} resident")
+        if r.get("cache_ms") is not None and r["strategy"] in PREDICTED and r.get("predict_ms"):
+            notes.append(f"predictor {r['predict_ms']} ms")
+        if r.get("probe_now_gb_per_s"):
+            notes.append(f"disk now {r['probe_now_gb_per_s']:.2f} GB/s")
+        if r.get("cgroup_peak_bytes"):
+            notes.append(f"cgroup peak {r['cgroup_peak_bytes'] / 2**20:,.0f} MiB")
+        lines.append(
+            f"| {r['strategy']} | {_mb(r.get('flash_bytes_per_token'))} | "
+            f"{_num(r.get('read_requests_per_token'), '{:,.0f}')} | {_num(r.get('read_gb_per_s'), '{:.2f}')} | "
+            f"{_num(r['io_ms'])} | {_num(r.get('predicted_io_ms'))} | {_num(r.get('floor_ms'))} | "
+            f"{_num(r['cache_ms'])} | {_num(r['compute_ms'])} | {_num(r['token_ms'])} | "
+            f"{r['tokens_per_s']:.3f} | {r['peak_rss_bytes'] / 2**20:,.0f} | {', '.join(notes)} |")
+    if result["summary"]:
+        lines.append("")
+        for c in result["summary"]:
+            lines.append(f"- {c['claim']}: {c['value']} (target {c['target']}): "
+                         f"{'met' if c['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, file: str | Path) -> Path:
+    """Stacked ms per token (I/O, cache + predictor, compute) per strategy, floor marked."""
+    from ..probe import _pyplot
+
+    plt = _pyplot()
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    names = [r["strategy"] for r in rows]
+    io = np.array([r["io_ms"] for r in rows])
+    cache = np.array([r["cache_ms"] + r["predict_ms"] for r in rows])
+    comp = np.array([r["compute_ms"] for r in rows])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.bar(names, io, label="I/O")
+    ax.bar(names, cache, bottom=io, label="cache + predictor")
+    ax.bar(names, comp, bottom=io + cache, label="compute")
+    for i, r in enumerate(rows):
+        if r.get("floor_ms"):
+            ax.plot([i - 0.4, i + 0.4], [r["floor_ms"]] * 2, "k--", lw=1)
+    ax.set_ylabel("ms per token")
+    title = "mlx-flash bench" + (" (SYNTHETIC model)" if result["synthetic"] else "")
+    ax.set_title(f"{title}: {Path(result['model']).name}, budget {result['memory']}")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    plt.setp(ax.get_xticklabels(), rotation=20)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+    return Path(file)

@@ -1,0 +1,47 @@
+"""The strategies `mlx-flash bench` compares, and which of them can run here."""
+
+from __future__ import annotations
+
+from .. import platform
+from ..errors import FlashError
+
+STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "all", "mmap",
+              "mmap-nolimit")
+FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings from the profile
+    "naive": dict(mode="naive"),
+    "hybrid": dict(mode="hybrid"),
+    "predicted": dict(mode="predicted", window=1, bundled=False),
+    "+window": dict(mode="predicted", bundled=False),
+    "+bundling": dict(mode="predicted", bundled=True),
+    "all": dict(mode="predicted", bundled=True, probed=True),
+}
+PREDICTED = ("predicted", "+window", "+bundling", "all")
+
+
+def parse_strategies(spec: str | list[str] | None) -> list[str]:
+    """Strategy names from a comma list (`window` and `bundling` may drop the `+`)."""
+    if spec is None:
+        return list(STRATEGIES)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in (s.strip() for s in items if s.strip()):
+        name = f"+{item}" if f"+{item}" in STRATEGIES else item
+        if name not in STRATEGIES:
+            raise FlashError(f"unknown strategy {item!r}; choose from {', '.join(STRATEGIES)}")
+        out.append(name)
+    return out
+
+
+def _unavailable(name, budget, has_predictors, ckpt, parent, limit) -> str | None:
+    if name == "dense" and budget.model > 0.75 * platform.physical_memory_bytes():
+        return f"the model ({budget.model / 1e9:.1f} GB) does not fit in this machine's memory"
+    if name in FLASH and budget.capacity < 1:
+        return "the budget does not hold the resident weights (raise --memory)"
+    if name in PREDICTED and not has_predictors:
+        return "no predictors in the model dir (run `mlx-flash calibrate`)"
+    if name.startswith("mmap") and ckpt is None:
+        return "no dense safetensors checkpoint of the same weights (pass --checkpoint)"
+    if name == "mmap" and parent is None:
+        return ("memory limit disabled (--no-limit)" if not limit else
+                "needs a real memory limit: root and the cgroup v1 memory controller (Linux)")
+    return None

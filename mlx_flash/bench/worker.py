@@ -1,0 +1,127 @@
+"""One strategy in one process, started cold: load, decode, measure (the `--worker` of bench)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import platform
+from .mmap import _checkpoint_files, _mapped_model
+from .strategies import FLASH
+from .synthetic import SyntheticPredictor, load_synthetic
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _decode(model, tokenizer, prompt: str, tokens: int, label: str,
+            after_prefill: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
+    """Greedy prefill + `tokens` decode steps through a KV cache; (prefill s, seconds per token)."""
+    import mlx.core as mx
+
+    ids = tokenizer.encode(prompt)
+    cache = model.make_cache()
+    t0 = time.perf_counter()
+    y = int(mx.argmax(model(mx.array([ids]), cache=cache)[0, -1]))
+    prefill = time.perf_counter() - t0
+    _log(f"{label}: prefill of {len(ids)} tokens {prefill:.1f} s")
+    after_prefill()
+    times = []
+    for i in range(tokens):
+        t = time.perf_counter()
+        y = int(mx.argmax(model(mx.array([[y]]), cache=cache)[0, -1]))
+        times.append(time.perf_counter() - t)
+        _log(f"{label}: token {i + 1}/{tokens} {times[-1] * 1000:.0f} ms")
+    return prefill, times
+
+
+def _worker(spec: dict) -> dict:
+    import mlx.core as mx  # imported before joining the memory group, like the rest
+
+    from .. import format as fmt
+    from .. import runtime
+    from ..loader import load_dense, load_tokenizer
+
+    name, path = spec["strategy"], Path(spec["model"])
+    m = fmt.read_manifest(path)
+    ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
+    load_tokenizer(path)  # the libraries' own memory: before the baseline and the group
+    mx.eval(mx.ones((4, 4)) @ mx.ones((4,)))
+    base_rss = platform.current_rss_bytes()
+    if spec.get("cgroup"):
+        Path(spec["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
+    for f in [m.ffn_path, m.resident_path, *path.glob("predictors*.safetensors"),
+              *(_checkpoint_files(ckpt) if ckpt else [])]:
+        platform.evict_from_page_cache(f)
+    t0 = time.perf_counter()
+    mapped = None
+    row = {"strategy": name, "status": "ok"}
+    if name == "dense":
+        model, tok = load_dense(ckpt or path)
+    elif name.startswith("mmap"):
+        model, tok, mapped = _mapped_model(ckpt)
+    else:
+        kw = dict(FLASH[name])
+        kw.pop("probed", None)
+        kw.setdefault("window", spec["window"])
+        predictors = None
+        if kw["mode"] == "predicted" and not (path / "predictors.safetensors").exists():
+            predictors = load_synthetic(path, m.ffn_dim, m.num_layers)
+        model, tok = runtime.load(path, memory=spec["memory"], max_context=spec["max_context"],
+                                  threads=spec["threads"], max_request_bytes=spec["max_request_bytes"],
+                                  predictors=predictors, **kw)
+        rt = model.flash_runtime
+        row.update(mode=kw["mode"], window=kw["window"], bundled=kw.get("bundled", True),
+                   threads=rt.reader.threads, max_request_bytes=rt.reader.max_request_rows
+                   * m.record_bytes, direct_io=rt.reader.direct,
+                   capacity_fraction=model.flash_budget["capacity_fraction"],
+                   budget_bytes=model.flash_budget["total"])
+    row["load_s"] = round(time.perf_counter() - t0, 2)
+    row["mlx_peak_load_bytes"] = mx.get_peak_memory()
+    mx.reset_peak_memory()
+    read = {}
+
+    def after_prefill():  # decode figures only: the mapped baseline's counters start here
+        read["start"] = platform.process_read_bytes()
+        if mapped is not None:
+            mapped.seconds = 0.0
+
+    prefill, times = _decode(model, tok, spec["prompt"], spec["tokens"], name, after_prefill)
+    read0, read1 = read["start"], platform.process_read_bytes()
+    n = len(times)
+    token_ms = 1000 * sum(times) / n
+    row.update(tokens=n, prefill_ms=round(1000 * prefill, 1), token_ms=round(token_ms, 1),
+               tokens_per_s=round(1000 / token_ms, 3), token_ms_each=[round(1000 * t, 1) for t in times])
+    io_ms = cache_ms = predict_ms = 0.0
+    if name in FLASH:
+        s = model.flash_runtime.stats
+        st = s.per_token()
+        io_ms, cache_ms, predict_ms = st["io_ms_per_token"], st["cache_ms_per_token"], st["predict_ms_per_token"]
+        neurons = m.num_layers * m.ffn_dim
+        row.update(flash_bytes_per_token=st["flash_bytes_per_token"],
+                   read_requests_per_token=st["read_requests_per_token"],
+                   read_gb_per_s=st["read_gb_per_s"], cache_hit_rate=st["cache_hit_rate"])
+        if FLASH[name]["mode"] == "predicted":
+            row["fresh_fraction"] = round((s.misses + s.overflow) / max(s.tokens, 1) / neurons, 4)
+            row["held_fraction"] = round(sum(lay.mlp._cache.num_used for lay in model.layers)
+                                         / neurons, 4)
+            preds = [lay.mlp._predictor for lay in model.layers]
+            if all(isinstance(p, SyntheticPredictor) for p in preds):
+                row["predicted_fraction"] = round(sum(p.predicted for p in preds) / max(
+                    sum(p.steps for p in preds), 1) / m.ffn_dim, 4)
+        else:
+            row["fresh_fraction"] = round(st["flash_bytes_per_token"] / m.record_bytes / neurons, 4)
+    elif mapped is not None:
+        io_ms = 1000 * mapped.seconds / n  # page faults + the copy out of the mapping
+        if read0 is not None:  # page-cache misses: what the mapping really read from the disk
+            row["flash_bytes_per_token"] = round((read1 - read0) / n)
+    row.update(io_ms=round(io_ms, 1), cache_ms=round(cache_ms, 1), predict_ms=round(predict_ms, 1),
+               compute_ms=round(max(token_ms - io_ms - cache_ms - predict_ms, 0.0), 1))
+    peak = platform.peak_rss_bytes()
+    row.update(peak_rss_bytes=peak, base_rss_bytes=base_rss, model_rss_bytes=peak - base_rss,
+               mlx_peak_decode_bytes=mx.get_peak_memory(), mlx_cache_bytes=mx.get_cache_memory())
+    return row
