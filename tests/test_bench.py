@@ -110,6 +110,22 @@ def test_mapped_baseline_computes_the_dense_model(synthetic):
     assert counters.seconds > 0 and len(counters.buffers) == 16  # one layer's tensors, reused
 
 
+def test_mapped_baseline_runs_llama():
+    """mlx-lm's Llama reads attributes of its layers (`use_sliding`): the mapped layer forwards
+    them, and computes the dense model's logits, prefill and decode through the KV cache."""
+    hf = fixture_path("llama-relu-fixture")
+    dense, tok = load_dense(hf)
+    mapped, _, counters = _mapped_model(hf)
+    ids = mx.array([tok.encode(PROMPT)])
+    caches = dense.make_cache(), mapped.make_cache()
+    for step in range(3):
+        want, got = (model(ids, cache=c)[:, -1].astype(mx.float32)
+                     for model, c in zip((dense, mapped), caches))
+        assert np.array_equal(np.array(got), np.array(want)), f"step {step}"
+        ids = mx.argmax(want, axis=-1).reshape(1, 1)
+    assert counters.seconds > 0 and len(counters.buffers) == 9  # one layer's tensors, reused
+
+
 # -- runtime pieces the bench needs ------------------------------------------------------------
 
 

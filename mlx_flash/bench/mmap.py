@@ -60,6 +60,13 @@ def _mapped_layer_class():
             self.inner, self._src = inner, source
             inner.update(source.empty)
 
+        def __getattr__(self, key: str):
+            # The model reads its layers' own attributes (mlx-lm's llama: `layer.use_sliding`).
+            # Children and parameters live in the Module's dict; "inner" is absent until set.
+            if key in self or "inner" not in self:
+                return super().__getattr__(key)
+            return getattr(self["inner"], key)
+
         def __call__(self, x, mask=None, cache=None):
             # The previous layer's output was evaluated: nothing pending reads the buffers.
             src = self._src
