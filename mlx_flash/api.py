@@ -34,7 +34,4 @@ def load(
             f"{path} is a Hugging Face checkpoint, which loads only densely; run "
             f"`mlx-flash convert {path}` and use the flash dir for --memory/--mode/--window"
         )
-    model, tokenizer = load_dense(path)
-    model.flash_mode = "dense"
-    model.flash_stats = dict
-    return model, tokenizer
+    return load_dense(path)

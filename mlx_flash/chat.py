@@ -8,7 +8,6 @@ keeps the cached prefix it shares with it and prefills only the rest.
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,14 +20,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import platform
 from .errors import FlashError
-from .generation import (
-    Interrupted,
-    context_limit,
-    defer_sigint,
-    flash_counters,
-    flash_stats,
-    stream_generate,
-)
+from .generation import Interrupted, context_limit, defer_sigint, stream_generate
+from .state import state_of, stats_line
+from .units import mib
 
 # Without a chat template: "User: ...\nAssistant: ..." turns; a reply ends where a new turn starts.
 PLAIN_STOP = ["\nUser:", "\nAssistant:"]
@@ -82,7 +76,7 @@ class ChatSession:
         self.replies = self.tokens = self.prefilled = 0
         self.decode_s = 0.0
         self.last: dict | None = None
-        self._since = flash_counters(self.model)
+        self._since = state_of(self.model).counters()
 
     # -- prompt --------------------------------------------------------------------------------
 
@@ -214,43 +208,28 @@ class ChatSession:
 
     def stats(self) -> dict:
         """Session figures: tokens/s, flash per token, cache hit rate, memory vs the budget."""
-        s = {"mode": getattr(self.model, "flash_mode", "dense"), "replies": self.replies,
+        state = state_of(self.model)
+        s = {"mode": state.mode, "replies": self.replies,
              "generated_tokens": self.tokens, "prefilled_tokens": self.prefilled,
              "tokens_per_s": round(self.tokens / self.decode_s, 2) if self.decode_s else None,
              "context_tokens": len(self.cached), "max_context": self.max_context}
-        s.update(flash_stats(self.model, since=self._since))
+        s.update(state.stats(since=self._since))
         kv = sum(c.nbytes for c in self.cache)
-        budget = getattr(self.model, "flash_budget", None)
-        if budget and s["mode"] != "dense":
+        budget = state.budget
+        if budget is not None and state.streaming:
             # What the budget pays for, with the KV cache as allocated now rather than reserved.
-            parts = {"resident_bytes": budget.get("resident", 0),
-                     "neuron_cache_bytes": budget.get("neuron_cache", 0),
-                     "buffer_bytes": budget.get("buffers", 0) + budget.get("other", 0)}
+            parts = {"resident_bytes": budget.resident, "neuron_cache_bytes": budget.neuron_cache,
+                     "buffer_bytes": budget.buffers + budget.other}
         else:
             parts = {"resident_bytes": sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))}
         s.update(parts, kv_cache_bytes=kv, model_memory_bytes=sum(parts.values()) + kv,
                  rss_bytes=platform.current_rss_bytes())
-        if budget and "kv_cache" in budget:
-            s["kv_cache_reserved_bytes"] = budget["kv_cache"]
+        if budget is not None:
+            s["kv_cache_reserved_bytes"] = budget.kv_cache
         return s
 
 
 # -- terminal ------------------------------------------------------------------------------------
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
-def summary_line(stats: dict) -> str:
-    """The one line printed after each reply."""
-    parts = [f"{stats.get('generation_tokens', 0)} tokens", f"{stats.get('tokens_per_s', 0):.1f} tok/s",
-             f"prefill {stats.get('prefilled_tokens', 0)}"]
-    if stats.get("flash_bytes_per_token") is not None:
-        parts.append(f"flash {_mib(stats['flash_bytes_per_token'])}/token")
-        if stats.get("cache_hit_rate") is not None:
-            parts.append(f"cache hits {stats['cache_hit_rate']:.0%}")
-    return "[" + ", ".join(parts) + "]"
-
 
 def format_stats(s: dict) -> str:
     """The `/stats` report."""
@@ -260,19 +239,19 @@ def format_stats(s: dict) -> str:
     if s.get("flash_bytes_per_token") is not None:
         hit = s.get("cache_hit_rate")
         lines.append(
-            f"flash     {_mib(s['flash_bytes_per_token'])}/token in "
+            f"flash     {mib(s['flash_bytes_per_token'])}/token in "
             f"{s['read_requests_per_token']:.0f} reads, cache hit rate "
             f"{'n/a' if hit is None else f'{hit:.0%}'}; I/O {s['io_ms_per_token']:.1f} ms + cache "
             f"{s['cache_ms_per_token']:.1f} ms per token")
     else:
         lines.append("flash     none: the whole model is in memory")
     budget = s.get("memory_budget_bytes")
-    of = f" of a {_mib(budget)} budget" if budget else ""
-    parts = [f"{name} {_mib(s[key])}" for name, key in (
+    of = f" of a {mib(budget)} budget" if budget else ""
+    parts = [f"{name} {mib(s[key])}" for name, key in (
         ("resident", "resident_bytes"), ("neuron caches", "neuron_cache_bytes"),
         ("buffers", "buffer_bytes"), ("KV cache", "kv_cache_bytes")) if key in s]
-    lines.append(f"memory    {_mib(s['model_memory_bytes'])} in use{of}: {', '.join(parts)}")
-    lines.append(f"process   RSS {_mib(s['rss_bytes'])}, peak {_mib(s['peak_rss_bytes'])} "
+    lines.append(f"memory    {mib(s['model_memory_bytes'])} in use{of}: {', '.join(parts)}")
+    lines.append(f"process   RSS {mib(s['rss_bytes'])}, peak {mib(s['peak_rss_bytes'])} "
                  "(with the Python and MLX runtime)")
     lines.append(f"context   {s['context_tokens']} of {s['max_context']} tokens")
     return "\n".join(lines)
@@ -280,69 +259,26 @@ def format_stats(s: dict) -> str:
 
 @contextmanager
 def loading(path: str | Path, stream=None):
-    """On a terminal, show `loading PATH ... 1.2 s` while the block runs; then the time taken.
+    """On a terminal, a live `loading PATH` status (rich) while the block runs; then the time
+    taken. Anything written to stderr meanwhile (notes, an error) prints above the status."""
+    from rich.console import Console
 
-    Anything else written to `stream` meanwhile (notes, an error) replaces the live line.
-    """
     stream = stream or sys.stderr
-    label = f"loading {path}"
-    live = stream.isatty()
-    done = threading.Event()
-    lock = threading.Lock()
     tic = time.perf_counter()
-    shown = [False]
-
-    def clear():
-        with lock:
-            if shown[0]:
-                stream.write("\r\x1b[K")
-                stream.flush()
-                shown[0] = False
-
-    def spin():
-        while not done.wait(0.1):
-            with lock:
-                if done.is_set():
-                    return
-                stream.write(f"\r{label} ... {time.perf_counter() - tic:.1f} s")
-                stream.flush()
-                shown[0] = True
-
-    class _Proxy:
-        def __getattr__(self, name):
-            return getattr(stream, name)
-
-        def write(self, s):
-            done.set()
-            clear()
-            return stream.write(s)
-
-    thread = None
-    if live:
-        thread = threading.Thread(target=spin, daemon=True)
-        thread.start()
-    old = sys.stderr
-    if stream is old:
-        sys.stderr = _Proxy()
-    try:
+    if stream.isatty():
+        with Console(file=stream).status(f"loading {path}"):
+            yield
+    else:
         yield
-    finally:
-        sys.stderr = old
-        done.set()
-        if thread is not None:
-            thread.join()
-        clear()
     stream.write(f"loaded {Path(path).name} in {time.perf_counter() - tic:.1f} s\n")
     stream.flush()
 
 
 def banner(session: ChatSession) -> str:
-    m = session.model
-    mode = getattr(m, "flash_mode", "dense")
-    budget = getattr(m, "flash_budget", None)
-    extra = f", budget {_mib(budget['total'])}" if budget and mode != "dense" else ""
+    state = state_of(session.model)
+    extra = f", budget {mib(state.budget.total)}" if state.streaming else ""
     fmt = "chat template" if session.template else "plain-text turns (no chat template)"
-    return (f"mode {mode}{extra}, context {session.max_context} tokens, {fmt}.\n"
+    return (f"mode {state.mode}{extra}, context {session.max_context} tokens, {fmt}.\n"
             "Type a message; /help lists commands, /quit or Ctrl-D leaves.")
 
 
@@ -412,4 +348,4 @@ def repl(session: ChatSession, quiet: bool = False, read: Callable[[str], str] =
         if result["interrupted"]:
             say("[interrupted]", err)
         if not quiet:
-            say(summary_line(result["stats"]), err)
+            say(stats_line(result["stats"]), err)

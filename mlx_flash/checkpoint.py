@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import pickle
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .dtypes import BY_SAFETENSORS, FLOATS, to_mx
 from .errors import CheckpointError
+from .safetensors import read_header
 
-# safetensors dtype tag -> (our name, numpy dtype holding the raw bits)
-_ST_DTYPES = {
-    "F32": ("float32", np.float32),
-    "F16": ("float16", np.float16),
-    "BF16": ("bfloat16", np.uint16),
-}
+# Checkpoint tensors we read: the floating ones (their safetensors tags)
+_ST_FLOATS = {d.safetensors: d for d in FLOATS.values()}
 # torch storage class name -> (our name, numpy dtype holding the raw bits)
 _TORCH_STORAGES = {
     "FloatStorage": ("float32", np.float32),
@@ -35,7 +32,6 @@ _TORCH_STORAGES = {
     "IntStorage": ("int32", np.int32),
     "BoolStorage": ("bool", np.bool_),
 }
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def load_config(path: str | Path) -> dict:
@@ -55,11 +51,6 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object")
     return config
-
-
-def _to_mx(raw: np.ndarray, dtype: str) -> mx.array:
-    arr = mx.array(raw)
-    return arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
 
 
 @dataclass(frozen=True)
@@ -111,54 +102,30 @@ class Checkpoint:
         """Read one tensor in its stored dtype."""
         e = self._entries[name]
         if e.storage:
-            return _to_mx(_bin_tensor(e), e.dtype)
-        np_dtype = _ST_DTYPES[_st_tag(e.dtype)][1]
+            return to_mx(_bin_tensor(e), e.dtype)
+        np_dtype = FLOATS[e.dtype].storage
         with open(e.file, "rb") as f:
             f.seek(e.start)
             buf = f.read(e.end - e.start)
         if len(buf) != e.end - e.start:
             raise CheckpointError(f"{e.file}: truncated: tensor {name} ends past the end of file")
         raw = np.frombuffer(buf, dtype=np_dtype).reshape(e.shape)
-        return _to_mx(raw, e.dtype)
+        return to_mx(raw, e.dtype)
 
     def load_all(self) -> dict[str, mx.array]:
         return {k: self.load(k) for k in self._entries}
 
 
-def _st_tag(dtype: str) -> str:
-    return {v[0]: k for k, v in _ST_DTYPES.items()}[dtype]
-
-
 def _safetensors_entries(file: Path) -> dict[str, _Entry]:
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{file}: not a safetensors file (bad header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{file}: not a safetensors file (header is not JSON)") from None
-    entries = {}
-    base = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        tag = info.get("dtype")
-        if tag not in _ST_DTYPES:
-            raise CheckpointError(
-                f"{file}: tensor {name} has dtype {tag}; supported: {', '.join(_ST_DTYPES)}"
-            )
-        start, end = info["data_offsets"]
-        shape = tuple(int(s) for s in info["shape"])
-        itemsize = np.dtype(_ST_DTYPES[tag][1]).itemsize
-        if end - start != int(np.prod(shape, dtype=np.int64)) * itemsize or base + end > size:
-            raise CheckpointError(f"{file}: tensor {name}: offsets disagree with shape or file size")
-        entries[name] = _Entry(file, _ST_DTYPES[tag][0], shape, base + start, base + end)
-    return entries
+    def fail(field: str, problem: str) -> CheckpointError:
+        if field == "header":
+            return CheckpointError(f"{file}: not a safetensors file ({problem})")
+        return CheckpointError(f"{file}: tensor {field}: {problem}")
+
+    header, base = read_header(file, fail, dtypes=_ST_FLOATS)
+    return {name: _Entry(file, BY_SAFETENSORS[info["dtype"]].name, tuple(info["shape"]),
+                         base + info["data_offsets"][0], base + info["data_offsets"][1])
+            for name, info in header.items()}
 
 
 # --- PyTorch .bin (zip + pickle) without torch ------------------------------------------------

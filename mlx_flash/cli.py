@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .errors import FlashError
+from .units import format_bytes
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -73,10 +74,13 @@ def _load(model: Path | None, memory, mode, window, max_context):
     from .api import load
 
     kwargs = {} if max_context is None else {"max_context": max_context}
+    from .state import state_of
+
     m, tok = load(_model_path(model), memory=memory, mode=mode, window=window, **kwargs)
-    if getattr(m, "flash_mode", "dense") == "dense" and memory is not None and mode == "auto":
+    loaded = state_of(m).mode
+    if loaded == "dense" and memory is not None and mode == "auto":
         typer.echo("note: the whole model fits the memory budget; loaded densely", err=True)
-    if mode in ("auto", "predicted") and getattr(m, "flash_mode", "") == "oracle":
+    if mode in ("auto", "predicted") and loaded == "oracle":
         typer.echo("note: no predictors in this model dir; the exact oracle picks the neurons "
                    "(run `mlx-flash calibrate`)", err=True)
     return m, tok
@@ -125,37 +129,22 @@ def generate(
         typer.echo(json.dumps(result))
         return
     typer.echo("")
-    typer.echo(_summary(result["stats"]), err=True)
+    from .state import stats_line
 
-
-def _summary(s: dict) -> str:
-    parts = [f"{s.get('generation_tokens', 0)} tokens", f"{s.get('tokens_per_s', 0):.1f} tok/s",
-             f"mode {s.get('mode', 'dense')}"]
-    if "flash_bytes_per_token" in s:
-        hit = s.get("cache_hit_rate")
-        parts += [
-            f"flash {s['flash_bytes_per_token'] / 2**20:.2f} MiB/token in "
-            f"{s['read_requests_per_token']:.0f} reads",
-            f"I/O {s['io_ms_per_token']:.1f} ms + cache {s['cache_ms_per_token']:.1f} ms"
-            f" + compute {s['compute_ms_per_token'] or 0:.1f} ms per token",
-            f"cache hits {hit:.0%}" if hit is not None else "no cache",
-            f"budget {s['memory_budget_bytes'] / 2**20:.1f} MiB",
-        ]
-    parts.append(f"peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB")
-    return "[" + ", ".join(parts) + "]"
+    typer.echo(stats_line(result["stats"], detail=True), err=True)
 
 
 @app.command()
 @friendly
 def convert(
-    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir or Hub repo id (facebook/opt-1.3b).")],
+    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir or Hub repo id (owner/name).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output dir. Default models/<name>-flash.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float16, bfloat16 or float32. Default: as stored.")] = None,
     align: Annotated[int, typer.Option("--align", help="Bundle alignment in bytes (16384 = Apple SSD page; 4096 allowed).")] = 16384,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing flash dir.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Convert an OPT or Llama checkpoint into a flash model dir (bundled FFN neurons)."""
+    """Convert a checkpoint (local HF dir or Hub repo id) into a flash model dir (bundled FFN neurons)."""
     from . import format as fmt
     from .convert import convert as run
 
@@ -182,7 +171,7 @@ def info(
     width = max(len(k) for k in data)
     for k, v in data.items():
         if isinstance(v, int) and k.endswith("bytes") and v >= 2**20:
-            v = f"{v} ({v / 2**20:.1f} MiB)"
+            v = f"{v} ({format_bytes(v)})"
         typer.echo(f"{k:<{width}}  {v}")
 
 
@@ -194,17 +183,17 @@ def calibrate(
     tokens: Annotated[int, typer.Option("--tokens", min=512, help="Calibration tokens.")] = 200_000,
     rank: Annotated[int | None, typer.Option("--rank", min=1, help="One predictor rank for every layer.")] = None,
     ranks: Annotated[str | None, typer.Option("--ranks", help="Per-layer ranks: comma list, one per layer.")] = None,
-    recall: Annotated[float, typer.Option("--recall", min=0.5, max=1.0, help="Target recall of the threshold.")] = 0.95,
+    target_recall: Annotated[float, typer.Option("--target-recall", "--recall", min=0.5, max=1.0, help="Recall the thresholds aim at on held-out tokens.")] = 0.95,
     sparsity: Annotated[float | None, typer.Option("--sparsity", min=0.0, max=0.99, help="Non-ReLU models: fraction of |act(gate)*up| treated as inactive (default 0.5).")] = None,
     as_json: JsonOpt = False,
 ):
     """Train the low-rank activation predictors of a flash dir, layer by layer."""
-    from .predictor import calibrate as run
+    from .calibrate import calibrate as run
 
     if rank is not None and ranks is not None:
         raise FlashError("give --rank or --ranks, not both")
     report = run(path, data, tokens=tokens, ranks=rank if rank is not None else ranks,
-                 target_recall=recall, sparsity=sparsity, progress=not as_json)
+                 target_recall=target_recall, sparsity=sparsity, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -229,23 +218,23 @@ def perplexity(
     as_json: JsonOpt = False,
 ):
     """Perplexity of a model over a text file, in fixed windows: does sparsity cost quality?"""
-    from .generation import flash_stats
     from .perplexity import perplexity as run
+    from .state import state_of, stats_line
 
     model_obj, tokenizer = _load(model, memory, mode, window, None)
-    flash = getattr(model_obj, "flash_mode", "dense") != "dense"
-    result = run(model_obj, tokenizer, data, window=seq_len, max_tokens=max_tokens,
-                 progress=not as_json, token_by_token=flash)
-    result["mode"] = getattr(model_obj, "flash_mode", "dense")
-    result["stats"] = flash_stats(model_obj)
+    state = state_of(model_obj)
+    result = run(model_obj, tokenizer, data, seq_len=seq_len, max_tokens=max_tokens,
+                 progress=not as_json, token_by_token=state.streaming)
+    result["mode"] = state.mode
+    result["stats"] = state.stats()
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
                f"({result.get('windows', '?')} windows of {seq_len} tokens, mode {result['mode']})")
-    if flash:
-        typer.echo(_summary({**result["stats"], "generation_tokens": result["tokens"],
-                             "tokens_per_s": 0.0, "mode": result["mode"]}), err=True)
+    if state.streaming:
+        typer.echo(stats_line({**result["stats"], "generation_tokens": result["tokens"],
+                               "mode": result["mode"]}, detail=True), err=True)
 
 
 @app.command()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import shutil
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,10 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from . import format as fmt
-from . import hub
+from . import hub, models
 from .checkpoint import Checkpoint
+from .dtypes import FLOATS, to_storage
 from .errors import CheckpointError, FlashError
 from .platform import evict_from_page_cache
+from .safetensors import encode_header
 
 DEFAULT_MODELS_DIR = Path("models")
 RECORD_CHUNK_BYTES = 32 << 20  # records are assembled and written this many bytes at a time
@@ -45,13 +46,13 @@ def convert(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert an OPT or Llama checkpoint (local HF dir or Hub repo id) into a flash model dir.
+    """Convert a checkpoint of a supported architecture (local HF dir or Hub repo id) into a flash model dir.
 
     `dtype` defaults to the dtype of the source FFN weights; `align` is the record alignment in
     bytes. An existing output directory is replaced only with `force`. Returns the output path.
     """
-    if dtype is not None and dtype not in fmt.DTYPES:
-        raise FlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(fmt.DTYPES)}")
+    if dtype is not None and dtype not in FLOATS:
+        raise FlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(FLOATS)}")
     try:
         fmt.check_alignment(align)
     except ValueError as e:
@@ -106,27 +107,22 @@ class _Plan:
     ffn: frozenset[str]  # normalised names of the FFN weight matrices (go to ffn.bundles)
 
 
-def _normalise(architecture: str, key: str) -> str:
-    if architecture == "opt" and key.startswith("decoder."):
-        return "model." + key
-    return key
-
-
 def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
     """Check config and tensor shapes against each other before anything is written."""
     config = ckpt.config
     arch = config.get("model_type")
-    if arch not in fmt.ARCHITECTURES:
+    if arch not in models.supported():
         raise FlashError(f"{ckpt.path}: model_type {arch!r} is not supported; supported: "
-                         f"{', '.join(fmt.ARCHITECTURES)}")
+                         f"{', '.join(models.supported())}")
+    spec = models.flash_spec(arch)
     dims = []
-    for key in fmt.CONFIG_DIMS[arch]:
+    for key in spec.dims:
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise CheckpointError(f"{ckpt.path}/config.json: {key} is {value!r}, expected a positive int")
         dims.append(value)
     d, ffn, layers = dims
-    names = {_normalise(arch, k): k for k in ckpt.keys()}
+    names = {spec.checkpoint_key(k): k for k in ckpt.keys()}
     parts = fmt.make_parts(arch, d)
     biases = frozenset(p.name for p in parts if p.tensor_name(0)[: -len("weight")] + "bias" in names)
     parts = fmt.make_parts(arch, d, biases)
@@ -146,18 +142,9 @@ def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
             ffn_names.add(p.tensor_name(layer))
     src = ckpt.dtype(names[parts[0].tensor_name(0)])
     target = dtype or src
-    if target not in fmt.DTYPES:
+    if target not in FLOATS:
         raise FlashError(f"{ckpt.path}: FFN weights are {src}; pass --dtype float16|bfloat16|float32")
     return _Plan(arch, target, d, ffn, layers, names, biases, frozenset(ffn_names))
-
-
-def _storage(arr: mx.array, dtype: str) -> np.ndarray:
-    """`arr` cast to `dtype`, as numpy holding the bits (uint16 for 16-bit floats)."""
-    arr = arr.astype(fmt.MX_DTYPES[dtype])
-    if fmt.DTYPES[dtype][0] == 2:
-        arr = arr.view(mx.uint16)
-    out = np.array(arr)
-    return out.astype(fmt.DTYPES[dtype][3], copy=False)  # little-endian on every supported host
 
 
 class _Sink:
@@ -189,7 +176,7 @@ class _Sink:
 
 
 def _write(ckpt: Checkpoint, plan: _Plan, out: Path, source: str, align: int, progress: bool):
-    resident = {n: (plan.dtype if ckpt.dtype(k) in fmt.DTYPES else ckpt.dtype(k), ckpt.shape(k))
+    resident = {n: (plan.dtype if ckpt.dtype(k) in FLOATS else ckpt.dtype(k), ckpt.shape(k))
                 for n, k in sorted(plan.names.items()) if n not in plan.ffn}
     m = fmt.new_manifest(
         out, plan.architecture, plan.dtype, plan.d_model, plan.ffn_dim, plan.num_layers,
@@ -213,7 +200,7 @@ def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str, pr
         for layer in tqdm(range(m.num_layers), desc=desc, unit="layer", disable=not progress):
             mats = []  # per part (ffn, d) in storage dtype; a column part is a transposed view
             for p in m.parts:
-                mat = _storage(ckpt.load(plan.names[p.tensor_name(layer)]), m.dtype)
+                mat = to_storage(ckpt.load(plan.names[p.tensor_name(layer)]), m.dtype)
                 mats.append(mat.T if p.axis == "column" else mat)
             for start in range(0, m.ffn_dim, chunk):
                 stop = min(m.ffn_dim, start + chunk)
@@ -231,22 +218,16 @@ def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str, pr
 
 def _write_resident(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, progress: bool) -> int:
     """Stream the resident tensors into a safetensors file, one tensor in memory at a time."""
-    header, pos = {"__metadata__": {"format": "mlx"}}, 0
-    for name, (dtype, shape) in m.resident_tensors.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * fmt.ITEMSIZE[dtype]
-        header[name] = {"dtype": fmt.ST_NAME[dtype], "shape": list(shape),
-                        "data_offsets": [pos, pos + nbytes]}
-        pos += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    head = encode_header([(name, dtype, shape) for name, (dtype, shape)
+                          in m.resident_tensors.items()], {"format": "mlx"})
     sink = _Sink(m.resident_path)
     try:
-        sink.write(len(raw).to_bytes(8, "little") + raw)
+        sink.write(head)
         items = tqdm(m.resident_tensors.items(), desc="resident", unit="tensor",
                      disable=not progress, leave=False)
         for name, (dtype, _) in items:
             arr = ckpt.load(plan.names[name])
-            data = _storage(arr, dtype) if dtype in fmt.DTYPES else np.array(arr)
+            data = to_storage(arr, dtype) if dtype in FLOATS else np.array(arr)
             sink.write(memoryview(np.ascontiguousarray(data)).cast("B"))
             del arr, data
     finally:

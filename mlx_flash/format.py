@@ -1,256 +1,73 @@
-"""The flash model directory of docs/FORMAT.md: layout, Manifest, validation and readers.
+"""Read a flash model directory (docs/FORMAT.md): validation into a Manifest, and readers.
 
 Every claim of `manifest.json`, of the `ffn.bundles` header and of the `resident.safetensors` header is
 checked before any tensor data is read; a failure is one FormatError naming file, field and fix.
+The layout itself (names, Part, Manifest, new_manifest) lives in `layout.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import struct
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_flash.errors import FormatError
+from . import models
+from .dtypes import BY_NAME, BY_SAFETENSORS, FLOATS, to_mx
+from .errors import FormatError
+from .layout import (  # noqa: F401  (the layout's names are part of this module's API)
+    CONFIG_FILE,
+    DEFAULT_ALIGNMENT,
+    FFN_FILE,
+    FORMAT_VERSION,
+    HEADER,
+    HEADER_LENGTH,
+    MAGIC,
+    MANIFEST,
+    MANIFEST_MAGIC,
+    RESIDENT_FILE,
+    Manifest,
+    Part,
+    check_alignment,
+    make_parts,
+    new_manifest,
+    round_up,
+)
+from .safetensors import read_header
 
-FORMAT_VERSION = 1
-MAGIC = b"MLXFLASH"
-MANIFEST_MAGIC = "mlx-flash"
-MANIFEST = "manifest.json"
-FFN_FILE = "ffn.bundles"
-RESIDENT_FILE = "resident.safetensors"
-CONFIG_FILE = "config.json"
-DEFAULT_ALIGNMENT = 16384
-MIN_ALIGNMENT = 4096
-MAX_ALIGNMENT = 16 << 20
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_SAFETENSORS_HEADER = 100 << 20
-
-# magic, version, header_length, alignment, num_layers, ffn_dim, record_bytes, data_offset,
-# d_model, dtype code, file_bytes
-HEADER = struct.Struct("<8sIIIIQQQIIQ")
-HEADER_LENGTH = HEADER.size  # 64
-
-# Directory dtypes: itemsize, header code, safetensors name, numpy storage dtype (bfloat16 as raw u16).
-DTYPES = {
-    "float16": (2, 1, "F16", "<u2"),
-    "bfloat16": (2, 2, "BF16", "<u2"),
-    "float32": (4, 3, "F32", "<f4"),
-}
-MX_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-# Every safetensors dtype a resident tensor may carry (non-float tensors are copied unchanged).
-SAFETENSORS_DTYPES = {
-    "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
-    "I8": ("int8", 1), "I16": ("int16", 2), "I32": ("int32", 4), "I64": ("int64", 8),
-    "U8": ("uint8", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
-    "BOOL": ("bool", 1),
-}
-ST_NAME = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
-ITEMSIZE = {name: size for name, size in SAFETENSORS_DTYPES.values()}
-
-# Per architecture: (part name, HF module path with {layer}, axis), in record order.
-ARCHITECTURES: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "opt": (
-        ("fc1", "model.decoder.layers.{layer}.fc1", "row"),
-        ("fc2", "model.decoder.layers.{layer}.fc2", "column"),
-    ),
-    "llama": (
-        ("gate_proj", "model.layers.{layer}.mlp.gate_proj", "row"),
-        ("up_proj", "model.layers.{layer}.mlp.up_proj", "row"),
-        ("down_proj", "model.layers.{layer}.mlp.down_proj", "column"),
-    ),
-}
-# config.json keys of (d_model, ffn_dim, num_layers) per architecture.
-CONFIG_DIMS = {
-    "opt": ("hidden_size", "ffn_dim", "num_hidden_layers"),
-    "llama": ("hidden_size", "intermediate_size", "num_hidden_layers"),
-}
-
 _RECONVERT = "re-run `mlx-flash convert` on the source checkpoint"
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def check_alignment(alignment: int) -> None:
-    """Raise ValueError unless `alignment` is a power of two in [4096, 16 MiB]."""
-    ok = isinstance(alignment, int) and MIN_ALIGNMENT <= alignment <= MAX_ALIGNMENT
-    if not ok or alignment & (alignment - 1):
-        raise ValueError(
-            f"alignment must be a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}, "
-            f"got {alignment}"
-        )
-
-
-@dataclass(frozen=True)
-class Part:
-    """One slice of a record: row or column `neuron` of one dense FFN matrix."""
-
-    name: str
-    tensor: str  # HF weight name with "{layer}"
-    axis: str  # "row": row of a (ffn, d) matrix; "column": column of a (d, ffn) matrix
-    offset: int  # element offset inside the record
-    length: int  # elements (= d_model)
-    bias: str | None = None  # HF bias name with "{layer}", resident
-
-    def tensor_name(self, layer: int) -> str:
-        return self.tensor.format(layer=layer)
-
-    def bias_name(self, layer: int) -> str | None:
-        return None if self.bias is None else self.bias.format(layer=layer)
-
-
-def make_parts(architecture: str, d_model: int, biases: set[str] = frozenset()) -> tuple[Part, ...]:
-    """The record parts of `architecture`; `biases` names the parts whose bias exists."""
-    parts = []
-    for i, (name, module, axis) in enumerate(ARCHITECTURES[architecture]):
-        bias = f"{module}.bias" if name in biases else None
-        parts.append(Part(name, f"{module}.weight", axis, i * d_model, d_model, bias))
-    return tuple(parts)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A validated `manifest.json` plus the directory it describes (see docs/FORMAT.md)."""
-
-    path: Path
-    architecture: str
-    dtype: str
-    d_model: int
-    ffn_dim: int
-    num_layers: int
-    alignment: int
-    record_bytes: int
-    parts: tuple[Part, ...]
-    data_offset: int
-    ffn_bytes: int
-    layer_offsets: tuple[int, ...]
-    resident_bytes: int
-    resident_tensors: dict[str, tuple[str, tuple[int, ...]]]
-    format_version: int = FORMAT_VERSION
-    source: str | None = None
-    created_by: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level keys, kept on rewrite
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype][0]
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        """Storage dtype of record values in numpy (bfloat16 and float16 as raw uint16)."""
-        return np.dtype(DTYPES[self.dtype][3])
-
-    @property
-    def mx_dtype(self) -> mx.Dtype:
-        return MX_DTYPES[self.dtype]
-
-    @property
-    def record_values(self) -> int:
-        """Elements per record including padding: a record read is (record_values,) of dtype."""
-        return self.record_bytes // self.itemsize
-
-    @property
-    def payload_bytes(self) -> int:
-        return sum(p.length for p in self.parts) * self.itemsize
-
-    @property
-    def layer_bytes(self) -> int:
-        return self.ffn_dim * self.record_bytes
-
-    @property
-    def ffn_path(self) -> Path:
-        return self.path / FFN_FILE
-
-    @property
-    def resident_path(self) -> Path:
-        return self.path / RESIDENT_FILE
-
-    def part(self, name: str) -> Part:
-        for p in self.parts:
-            if p.name == name:
-                return p
-        raise KeyError(f"no record part {name!r} in a {self.architecture} record")
-
-    def layer_offset(self, layer: int) -> int:
-        """Byte offset in ffn.bundles of record 0 of `layer`."""
-        return self.layer_offsets[layer]
-
-    def neuron_offset(self, layer: int, neuron: int) -> int:
-        """Byte offset in ffn.bundles of the record of `neuron` in `layer`."""
-        return self.layer_offsets[layer] + neuron * self.record_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to manifest.json."""
-        parts = [dataclasses.asdict(p) for p in self.parts]
-        tensors = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in self.resident_tensors.items()}
-        out = dict(self.extra)
-        out.update(
-            magic=MANIFEST_MAGIC, format_version=self.format_version,
-            architecture=self.architecture, dtype=self.dtype, d_model=self.d_model,
-            ffn_dim=self.ffn_dim, num_layers=self.num_layers, alignment=self.alignment,
-            record_bytes=self.record_bytes, record_parts=parts,
-            ffn_file={"name": FFN_FILE, "bytes": self.ffn_bytes, "data_offset": self.data_offset},
-            layers=[{"offset": o, "neurons": self.ffn_dim} for o in self.layer_offsets],
-            resident_file={"name": RESIDENT_FILE, "bytes": self.resident_bytes, "tensors": tensors},
-        )
-        if self.source is not None:
-            out["source"] = self.source
-        if self.created_by is not None:
-            out["created_by"] = self.created_by
-        return out
-
-    def ffn_header(self) -> bytes:
-        """The ffn.bundles header padded with zeros to `data_offset`."""
-        head = HEADER.pack(
-            MAGIC, self.format_version, HEADER_LENGTH, self.alignment, self.num_layers,
-            self.ffn_dim, self.record_bytes, self.data_offset, self.d_model,
-            DTYPES[self.dtype][1], self.ffn_bytes,
-        )
-        return head.ljust(self.data_offset, b"\0")
-
-
-def new_manifest(
-    path: str | Path,
-    architecture: str,
-    dtype: str,
-    d_model: int,
-    ffn_dim: int,
-    num_layers: int,
-    alignment: int = DEFAULT_ALIGNMENT,
-    biases: set[str] = frozenset(),
-    resident_tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None,
-    resident_bytes: int = 0,
-    source: str | None = None,
-    created_by: str | None = None,
-) -> Manifest:
-    """Lay out a new directory: record size, header size and layer offsets follow from the dims."""
-    check_alignment(alignment)
-    parts = make_parts(architecture, d_model, biases)
-    record_bytes = round_up(sum(p.length for p in parts) * DTYPES[dtype][0], alignment)
-    data_offset = alignment
-    offsets = tuple(data_offset + i * ffn_dim * record_bytes for i in range(num_layers))
-    return Manifest(
-        path=Path(path), architecture=architecture, dtype=dtype, d_model=d_model,
-        ffn_dim=ffn_dim, num_layers=num_layers, alignment=alignment, record_bytes=record_bytes,
-        parts=parts, data_offset=data_offset,
-        ffn_bytes=data_offset + num_layers * ffn_dim * record_bytes, layer_offsets=offsets,
-        resident_bytes=resident_bytes, resident_tensors=dict(resident_tensors or {}),
-        source=source, created_by=created_by,
-    )
-
-
 def write_manifest(manifest: Manifest) -> None:
-    text = json.dumps(manifest.to_dict(), indent=1)
-    (manifest.path / MANIFEST).write_text(text + "\n", encoding="utf-8")
+    """Write manifest.json atomically: a crash leaves the old file or the new one, never half."""
+    write_atomic(manifest.path / MANIFEST, json.dumps(manifest.to_dict(), indent=1) + "\n")
+
+
+def update_manifest(path: str | Path, **entries) -> Manifest:
+    """Set top-level `entries` of a valid directory's manifest.json (re-read first, so whatever
+    else was added meanwhile stays), atomically."""
+    m = read_manifest(path)
+    m = dataclasses.replace(m, extra={**m.extra, **entries})
+    write_manifest(m)
+    return m
+
+
+def write_atomic(file: Path, text: str) -> None:
+    """Replace `file` with `text` through `file.partial`, fsynced, then renamed over it."""
+    partial = file.with_name(file.name + ".partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, file)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def is_flash_dir(path: str | Path) -> bool:
@@ -306,11 +123,12 @@ def read_manifest(path: str | Path) -> Manifest:
         raise _fail(MANIFEST, "format_version", f"unknown version {version} (this mlx-flash reads "
                     f"{FORMAT_VERSION})", f"upgrade mlx-flash or {_RECONVERT}")
     arch = _get(obj, "architecture", str)
-    if arch not in ARCHITECTURES:
-        raise _fail(MANIFEST, "architecture", f"unknown {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    if arch not in models.supported():
+        raise _fail(MANIFEST, "architecture", f"unknown {arch!r} (known: "
+                    f"{', '.join(models.supported())})")
     dtype = _get(obj, "dtype", str)
-    if dtype not in DTYPES:
-        raise _fail(MANIFEST, "dtype", f"unknown {dtype!r} (known: {', '.join(DTYPES)})")
+    if dtype not in FLOATS:
+        raise _fail(MANIFEST, "dtype", f"unknown {dtype!r} (known: {', '.join(FLOATS)})")
     dims = {k: _get(obj, k, int) for k in ("d_model", "ffn_dim", "num_layers")}
     for k, v in dims.items():
         if v == 0:
@@ -325,10 +143,11 @@ def read_manifest(path: str | Path) -> Manifest:
     _check_config(root, arch, dims)
     parts = _check_parts(obj, arch, d_model)
     record_bytes = _get(obj, "record_bytes", int)
-    want = round_up(sum(p.length for p in parts) * DTYPES[dtype][0], alignment)
+    itemsize = FLOATS[dtype].itemsize
+    want = round_up(sum(p.length for p in parts) * itemsize, alignment)
     if record_bytes != want:
         raise _fail(MANIFEST, "record_bytes", f"{record_bytes}, but {len(parts)} parts x {d_model} "
-                    f"x {DTYPES[dtype][0]} bytes aligned to {alignment} is {want}")
+                    f"x {itemsize} bytes aligned to {alignment} is {want}")
 
     ffn = _get(obj, "ffn_file", dict)
     if ffn.get("name") != FFN_FILE:
@@ -365,7 +184,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def _check_config(root: Path, arch: str, dims: dict[str, int]) -> None:
     config = _load_json(root / CONFIG_FILE, CONFIG_FILE)
-    for ours, theirs in zip(("d_model", "ffn_dim", "num_layers"), CONFIG_DIMS[arch], strict=True):
+    for ours, theirs in zip(("d_model", "ffn_dim", "num_layers"), models.flash_spec(arch).dims,
+                            strict=True):
         if config.get(theirs) != dims[ours]:
             raise _fail(MANIFEST, ours, f"{dims[ours]} disagrees with {CONFIG_FILE} {theirs} = "
                         f"{config.get(theirs)!r:.40}")
@@ -373,7 +193,7 @@ def _check_config(root: Path, arch: str, dims: dict[str, int]) -> None:
 
 def _check_parts(obj: dict, arch: str, d_model: int) -> tuple[Part, ...]:
     raw = _get(obj, "record_parts", list)
-    spec = ARCHITECTURES[arch]
+    spec = [(p.name, p.module, p.axis) for p in models.flash_spec(arch).parts]
     if len(raw) != len(spec):
         raise _fail(MANIFEST, "record_parts", f"{len(raw)} parts, a {arch} record has {len(spec)}")
     parts, offset = [], 0
@@ -431,7 +251,7 @@ def _check_tensor_list(raw: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
         if not isinstance(entry, dict):
             raise _fail(MANIFEST, where[:-1], "expected an object")
         dtype = _get(entry, "dtype", str, where)
-        if dtype not in ITEMSIZE:
+        if dtype not in BY_NAME:
             raise _fail(MANIFEST, where + "dtype", f"unknown {dtype!r:.40}")
         shape = _get(entry, "shape", list, where)
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
@@ -463,58 +283,15 @@ def _check_ffn_file(m: Manifest) -> None:
     claims = {"alignment": (alignment, m.alignment), "num_layers": (num_layers, m.num_layers),
               "ffn_dim": (ffn_dim, m.ffn_dim), "record_bytes": (record_bytes, m.record_bytes),
               "data_offset": (data_offset, m.data_offset), "d_model": (d_model, m.d_model),
-              "dtype": (code, DTYPES[m.dtype][1]), "file_bytes": (file_bytes, m.ffn_bytes)}
+              "dtype": (code, FLOATS[m.dtype].code), "file_bytes": (file_bytes, m.ffn_bytes)}
     for name, (got, want) in claims.items():
         if got != want:
             raise _fail(FFN_FILE, name, f"header says {got}, manifest.json says {want}")
 
 
 def read_safetensors_header(path: Path, file: str) -> tuple[dict[str, Any], int]:
-    """Parse and validate a safetensors header: (tensors by name, offset of the data section)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _fail(file, "header", f"file is {size} bytes, too short for a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > min(MAX_SAFETENSORS_HEADER, size - 8):
-            raise _fail(file, "header", f"header length {n} past the end of the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _fail(file, "header", f"not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _fail(file, "header", "not a JSON object")
-    header.pop("__metadata__", None)
-    start, spans = 8 + n, []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise _fail(file, name, "expected an object")
-        code, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in SAFETENSORS_DTYPES:
-            raise _fail(file, f"{name}.dtype", f"unknown {code!r:.40}")
-        ok_shape = isinstance(shape, list) and all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-        ok_offs = isinstance(offs, list) and len(offs) == 2 and all(
-            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
-        if not (ok_shape and ok_offs):
-            raise _fail(file, name, "bad shape or data_offsets")
-        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[code][1]
-        if offs[1] - offs[0] != nbytes:
-            raise _fail(file, f"{name}.data_offsets", f"{offs[1] - offs[0]} bytes, shape {shape} x "
-                        f"itemsize is {nbytes}")
-        spans.append((offs[0], offs[1], name))
-    pos = 0
-    for begin, end, name in sorted(spans):
-        if begin != pos:
-            raise _fail(file, f"{name}.data_offsets", f"starts at {begin}, expected {pos} "
-                        "(tensors must be back to back)")
-        pos = end
-    if start + pos != size:
-        what = "past the end of" if start + pos > size else "short of"
-        raise _fail(file, "data_offsets", f"tensors end at byte {start + pos}, {what} the file "
-                    f"({size} bytes)")
-    return header, start
+    """A validated safetensors header in this directory: (tensors by name, data offset)."""
+    return read_header(path, lambda fld, problem: _fail(file, fld, problem))
 
 
 def _check_resident_file(m: Manifest) -> None:
@@ -529,7 +306,7 @@ def _check_resident_file(m: Manifest) -> None:
     for name, (dtype, shape) in m.resident_tensors.items():
         if name not in header:
             raise _fail(RESIDENT_FILE, name, "missing tensor listed in manifest.json")
-        got = (SAFETENSORS_DTYPES[header[name]["dtype"]][0], tuple(header[name]["shape"]))
+        got = (BY_SAFETENSORS[header[name]["dtype"]].name, tuple(header[name]["shape"]))
         if got != (dtype, shape):
             raise _fail(RESIDENT_FILE, name, f"{got[0]} {list(got[1])}, manifest.json says "
                         f"{dtype} {list(shape)}")
@@ -571,12 +348,6 @@ def read_layer_records(m: Manifest, layer: int, start: int = 0, count: int | Non
         if file is None:
             f.close()
     return out
-
-
-def to_mx(values: np.ndarray, dtype: str) -> mx.array:
-    """Storage-dtype numpy values (uint16 bits for 16-bit types) as an MLX array of `dtype`."""
-    arr = mx.array(np.ascontiguousarray(values))
-    return arr.view(MX_DTYPES[dtype]) if DTYPES[dtype][3] == "<u2" else arr
 
 
 def load_dense_weights(path: str | Path) -> dict[str, mx.array]:

@@ -8,7 +8,6 @@ of the call and safe Ctrl-C -> text (`generate`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import sys
 import threading
@@ -23,7 +22,7 @@ from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from . import platform
+from .state import state_of
 
 # The embedded demo model, shipped in the repository (never read from ../shared).
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "opt-tiny"
@@ -40,7 +39,7 @@ class Interrupted(KeyboardInterrupt):
 class FlashResponse(GenerationResponse):
     """mlx-lm's `GenerationResponse` plus `stats`: the flash figures of this call so far.
 
-    `stats` holds `mode` and, on a flash model, the per-token figures of `flash_stats`
+    `stats` holds `mode` and, on a flash model, the per-token figures of `FlashState.stats`
     (bytes and reads per token, I/O, cache and compute ms, cache hit rate) counted since the
     call began, the memory budget and the peak RSS. `finish_reason` is `"stop"` (EOS or a stop
     string), `"length"` or None.
@@ -112,8 +111,7 @@ class _StopText:
 def context_limit(model) -> int:
     """Tokens a prompt and its reply may take: the KV cache the budget reserves (flash) or the
     model's position limit, whichever is smaller."""
-    budget = getattr(model, "flash_budget", None) or {}
-    limits = [budget.get("max_context"),
+    limits = [state_of(model).max_context,
               getattr(getattr(model, "args", None), "max_position_embeddings", None)]
     limits = [n for n in limits if n]
     return min(limits) if limits else 2048
@@ -124,39 +122,6 @@ def encode(tokenizer, prompt: str) -> list[int]:
     text starts with it)."""
     bos = getattr(tokenizer, "bos_token", None)
     return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
-
-
-def flash_counters(model):
-    """A snapshot of the model's flash counters (None for a dense model), for `flash_stats`."""
-    rt = getattr(model, "flash_runtime", None)
-    return None if rt is None else dataclasses.replace(rt.stats)
-
-
-def _since(now, before):
-    delta = {}
-    for f in dataclasses.fields(now):
-        a, b = getattr(now, f.name), getattr(before, f.name)
-        delta[f.name] = None if f.name == "last_token_start" else a - b
-    return type(now)(**delta)
-
-
-def flash_stats(model, since=None) -> dict:
-    """The model's flash figures (empty for a dense model), peak RSS and the budget in use.
-
-    `since`: a `flash_counters(model)` snapshot; the figures then cover only what came after it.
-    """
-    rt = getattr(model, "flash_runtime", None)
-    if since is not None and rt is not None:
-        stats = _since(rt.stats, since).per_token()
-    else:
-        stats = dict(model.flash_stats()) if hasattr(model, "flash_stats") else {}
-    stats.pop("tokens_per_s", None)  # mlx-lm's end-to-end figure is the one reported
-    budget = getattr(model, "flash_budget", None)
-    if budget:
-        stats["memory_budget_bytes"] = budget["total"]
-        stats["neuron_cache_rows_per_layer"] = budget["capacity"]
-    stats["peak_rss_bytes"] = platform.peak_rss_bytes()
-    return stats
 
 
 def stream_generate(
@@ -209,8 +174,8 @@ def stream_generate(
 
     kwargs["prompt_progress_callback"] = on_prompt
     stopper = _StopText([stop] if isinstance(stop, str) else stop)
-    mode = getattr(model, "flash_mode", "dense")
-    before = flash_counters(model)
+    state = state_of(model)
+    before = state.counters()
     inner = _mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
     try:
         while True:
@@ -223,7 +188,7 @@ def stream_generate(
             finish = "stop" if stopped else r.finish_reason
             if finish is not None and not stopped:
                 text += stopper.flush()
-            stats = {"mode": mode, **flash_stats(model, since=before)}
+            stats = {"mode": state.mode, **state.stats(since=before)}
             yield FlashResponse(**{**vars(r), "text": text, "finish_reason": finish}, stats=stats)
             if finish is not None:
                 return
@@ -262,8 +227,7 @@ def generate(
             on_text(last.text)
         if verbose:
             print(last.text, end="", flush=True)
-    stats = {"mode": getattr(model, "flash_mode", "dense"),
-             "wall_s": round(time.perf_counter() - tic, 4)}
+    stats = {"mode": state_of(model).mode, "wall_s": round(time.perf_counter() - tic, 4)}
     if last is not None:
         stats.update(
             prompt_tokens=last.prompt_tokens,
@@ -274,7 +238,7 @@ def generate(
         )
         stats.update(last.stats)
     else:
-        stats.update(flash_stats(model))
+        stats.update(state_of(model).stats())
     if verbose:
         print(f"\n{stats}", file=sys.stderr)
     return {"text": "".join(pieces), "tokens": tokens, "stats": stats}

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import Checkpoint, load_config
+from .dtypes import check_float
 from .errors import CheckpointError, FlashError
-
-SUPPORTED_MODEL_TYPES = ("llama", "opt")
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def model_module(model_type: str):
-    """The `mlx_flash.models.<model_type>` module; one-line error listing the supported ones."""
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise FlashError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return importlib.import_module(f"mlx_flash.models.{model_type}")
+from .models import architecture
+from .state import FlashState
 
 
 def build_model(config: dict) -> nn.Module:
@@ -29,7 +19,7 @@ def build_model(config: dict) -> nn.Module:
     model_type = config.get("model_type")
     if not model_type:
         raise CheckpointError("config.json has no model_type")
-    module = model_module(model_type)
+    module = architecture(model_type)
     try:
         args = module.ModelArgs.from_dict(config)
     except (TypeError, ValueError, KeyError) as e:
@@ -53,15 +43,18 @@ def load_model(path: str | Path, dtype: str | None = None) -> nn.Module:
     model = build_model(config)
     weights = model.sanitize(read_weights(path))
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise FlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+        try:
+            target = check_float(dtype).mx
+        except ValueError as e:
+            raise FlashError(str(e)) from None
+        weights = {k: v.astype(target) for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise CheckpointError(f"{path}: weights do not match config.json: {e}") from None
     mx.eval(model.parameters())
     model.eval()
+    model.flash = FlashState()  # every weight in memory
     return model
 
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .errors import FlashError
 
-DEFAULT_WINDOW = 256
+DEFAULT_SEQ_LEN = 256
 BATCH_WINDOWS = 4  # windows per forward pass when not token by token
 
 
@@ -62,26 +62,26 @@ def perplexity(
     model,
     tokenizer,
     data: str | Path,
-    window: int = DEFAULT_WINDOW,
+    seq_len: int = DEFAULT_SEQ_LEN,
     max_tokens: int | None = None,
     progress: bool = True,
     token_by_token: bool = False,
 ) -> dict:
-    """Perplexity over the text file `data`, cut into non-overlapping windows of `window` tokens.
+    """Perplexity over the text file `data`, cut into non-overlapping windows of `seq_len` tokens.
 
-    Each window starts from a fresh KV cache and scores its last `window - 1` tokens; a tail
+    Each window starts from a fresh KV cache and scores its last `seq_len - 1` tokens; a tail
     shorter than a window is dropped (unless the file holds less than one window). With
     `token_by_token`, each window runs one token at a time through the KV cache, exercising the
     decode path (what a flash model does per token); otherwise whole windows run at once.
     Returns `perplexity`, `tokens` (scored), `windows`, `window`.
     """
-    if window < 2:
-        raise FlashError(f"--window must be >= 2 tokens (got {window})")
+    if seq_len < 2:
+        raise FlashError(f"--seq-len must be >= 2 tokens (got {seq_len})")
     ids = read_tokens(tokenizer, data, max_tokens)
     if len(ids) < 2:
         raise FlashError(f"{data}: {len(ids)} tokens, need at least 2 for a perplexity")
-    count = max(1, len(ids) // window)
-    size = min(window, len(ids))
+    count = max(1, len(ids) // seq_len)
+    size = min(seq_len, len(ids))
     windows = np.asarray(ids[: count * size], dtype=np.int32).reshape(count, size)
     total, scored = 0.0, 0
     bar = tqdm(total=windows.size, desc="perplexity", unit="tok", disable=not progress,
@@ -109,5 +109,5 @@ def perplexity(
         "perplexity": round(math.exp(total / scored), 4),
         "tokens": scored,
         "windows": count,
-        "window": size,
+        "window": size,  # tokens per window (`seq_len`)
     }

@@ -8,73 +8,27 @@ matmul over the cache's contiguous rows. See DESIGN.md "Decode step".
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import platform
+from . import activations, models, platform
 from .cache import NeuronCache
 from .checkpoint import load_config
+from .dtypes import to_mx
 from .errors import FlashError
-from .format import Manifest, read_manifest
+from .format import Manifest, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer
 from .memory import Budget, plan_budget, stream_rows
+from .profiles import reader_settings
+from .state import FlashState, FlashStats
 from .storage import FlashReader, ReadStats, aligned_empty
 
 MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted")
-ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "gelu": nn.gelu}
 DEFAULT_WINDOW = 4
-_MLP_BIAS = re.compile(r"\.layers\.(\d+)\.mlp\.(\w+)\.bias$")
-
-
-@dataclass
-class FlashStats:
-    """Counters of one model: decode tokens give the per-token figures; prefill is kept apart."""
-
-    tokens: int = 0  # decode tokens (layer-0 decode calls)
-    timed_tokens: int = 0  # of those, the ones whose wall time is known (next token started)
-    token_s: float = 0.0
-    io: ReadStats = field(default_factory=ReadStats)
-    cache_s: float = 0.0
-    predict_s: float = 0.0
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    overflow: int = 0  # active neurons read past the cache because it was full
-    prefill_tokens: int = 0
-    prefill_io: ReadStats = field(default_factory=ReadStats)
-    last_token_start: float | None = None
-
-    def per_token(self) -> dict:
-        """Figures per decode token (what `--json` and `bench` print)."""
-        n = max(self.tokens, 1)
-        io_ms, cache_ms = 1000 * self.io.seconds / n, 1000 * self.cache_s / n
-        predict_ms = 1000 * self.predict_s / n
-        token_ms = 1000 * self.token_s / self.timed_tokens if self.timed_tokens else None
-        looked_up = self.hits + self.misses
-        return {
-            "decode_tokens": self.tokens,
-            "flash_bytes_per_token": round(self.io.bytes / n),
-            "read_requests_per_token": round(self.io.requests / n, 2),
-            "read_gb_per_s": round(self.io.gb_per_s, 3),
-            "io_ms_per_token": round(io_ms, 3),
-            "cache_ms_per_token": round(cache_ms, 3),
-            "predict_ms_per_token": round(predict_ms, 3),
-            "compute_ms_per_token": None if token_ms is None
-            else round(max(token_ms - io_ms - cache_ms - predict_ms, 0.0), 3),
-            "token_ms": None if token_ms is None else round(token_ms, 3),
-            "tokens_per_s": None if token_ms is None else round(1000 / token_ms, 2),
-            "cache_hit_rate": round(self.hits / looked_up, 4) if looked_up else None,
-            "evictions_per_token": round(self.evictions / n, 2),
-            "overflow_neurons_per_token": round(self.overflow / n, 2),
-            "prefill_tokens": self.prefill_tokens,
-            "prefill_flash_bytes": self.prefill_io.bytes,
-        }
 
 
 class FlashRuntime:
@@ -83,16 +37,19 @@ class FlashRuntime:
     def __init__(self, manifest: Manifest, mode: str, window: int, threads: int, act: str,
                  max_request_bytes: int = 1 << 20, bundled: bool = True):
         self.manifest = manifest
+        self.spec = models.flash_spec(manifest.architecture)
         self.mode = mode
         self.window = window
-        self.act = ACTIVATIONS[act]
-        self.relu = act == "relu"
+        self.act = activations.mlx_fn(act)
+        self.exact_sparse = activations.is_exact_sparse(act)
         # bundled=False (benchmarks): each record part is its own read, as separate matrices.
         spans = None if bundled else _part_spans(manifest)
         self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads,
                                   max_request_bytes=max_request_bytes, part_spans=spans)
         self.stats = FlashStats()
-        self.chunk, self._chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)  # (rows, record)
+        # (rows, record) buffer through which whole layers and the overflow stream
+        self.chunk, self.chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)
+        self.layers: list[FlashMLP] = []
 
     def close(self) -> None:
         self.reader.close()
@@ -113,61 +70,50 @@ class _Biases:
 
 
 class FlashMLP(nn.Module):
-    """An MLP whose weights live in `ffn.bundles`; see the module docstring."""
+    """An MLP whose weights live in `ffn.bundles`; see the module docstring.
+
+    Public, read-only for callers: `layer` (its index), `cache` (its NeuronCache), `predictor`
+    (predicted mode), `offset` (byte offset of its records in ffn.bundles).
+    """
 
     def __init__(self, rt: FlashRuntime, layer: int, capacity: int, biases: dict, oracle=None,
                  predictor=None):
         super().__init__()
         m = rt.manifest
-        self._rt, self._layer = rt, layer
-        self._offset = m.layer_offset(layer)
-        self._cache = NeuronCache(capacity, m.record_bytes, m.ffn_dim)
+        self._rt, self.layer = rt, layer
+        self.offset = m.layer_offset(layer)
+        self.cache = NeuronCache(capacity, m.record_bytes, m.ffn_dim)
         self._biases = _Biases(biases)
-        self._oracle = oracle  # (W_in (ffn, d), bias or None): dense up/gate for oracle mode
-        self._predictor = predictor  # predictor.Predictor for predicted mode
+        self._oracle = oracle  # (W_in (ffn, d), bias or None): dense activation input, oracle mode
+        self.predictor = predictor  # predictor.Predictor (or a stand-in) for predicted mode
         self._step = 0
         d = m.d_model
-        self._slices = [(p.name, p.offset, p.offset + d) for p in m.parts]
+        span = {p.name: (p.offset, p.offset + d) for p in m.parts}
+        self._rows = [(p.name, *span[p.name]) for p in rt.spec.row_parts]
+        self._column = span[rt.spec.column_part.name]
+        self._out_bias = biases.get(rt.spec.column_part.name)
 
     # -- the FFN over a block of records -------------------------------------------------------
 
     def _ffn(self, x: mx.array, records: mx.array, ids: mx.array | None) -> mx.array:
-        """FFN of x (n_tok, d) over `records` (n, record_values) holding neurons `ids`."""
+        """FFN of x (n_tok, d) over `records` (n, record_values) holding neurons `ids`: the row
+        parts' products (biases added) combined by the architecture's `hidden`, times the
+        column part."""
         rt, b = self._rt, self._biases.by_module
-        span = {name: (lo, hi) for name, lo, hi in self._slices}
         width = records.shape[1]
-
-        def rows(name):  # x @ W.T for a row part W = records[:, lo:hi] (n, d)
+        rows = {}
+        for name, lo, hi in self._rows:  # x @ W.T for a row part W = records[:, lo:hi] (n, d)
             # x zero-padded to the record width keeps the product on contiguous records: MLX's
             # CPU backend copies a strided slice before a matmul, ~10x the product's own cost.
-            lo, hi = span[name]
-            return mx.pad(x, [(0, 0), (lo, width - hi)]) @ records.T
-
-        def cols(h, name):  # h @ W for a column part W = records[:, lo:hi] (n, d)
-            lo, hi = span[name]
-            if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
-                return (h.T * records[:, lo:hi]).sum(axis=0, keepdims=True)
-            return h @ records[:, lo:hi]
-
-        def bias(name):
-            v = b.get(name)
-            if v is None:
-                return None
-            return v if ids is None else v[ids]
-
-        if rt.manifest.architecture == "opt":
-            h = rows("fc1")
-            if (b1 := bias("fc1")) is not None:
-                h = h + b1
-            return cols(rt.act(h), "fc2")
-        gate, up = rows("gate_proj"), rows("up_proj")
-        if (bg := bias("gate_proj")) is not None:
-            gate, up = gate + bg, up + bias("up_proj")
-        return cols(rt.act(gate) * up, "down_proj")
-
-    def _out_bias(self) -> mx.array | None:
-        b = self._biases.by_module
-        return b.get("fc2") if "fc2" in b else b.get("down_proj")
+            z = mx.pad(x, [(0, 0), (lo, width - hi)]) @ records.T
+            if (bias := b.get(name)) is not None:
+                z = z + (bias if ids is None else bias[ids])
+            rows[name] = z
+        h = rt.spec.hidden(rows, rt.act)
+        lo, hi = self._column  # h @ W for the column part W = records[:, lo:hi] (n, d)
+        if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
+            return (h.T * records[:, lo:hi]).sum(axis=0, keepdims=True)
+        return h @ records[:, lo:hi]
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -184,8 +130,8 @@ class FlashMLP(nn.Module):
                 self._seed_window(x2[-rt.window :])
         else:
             y = self._decode(x2)
-        if (b2 := self._out_bias()) is not None:
-            y = y + b2
+        if self._out_bias is not None:
+            y = y + self._out_bias
         return y.reshape(shape)
 
     def _streamed(self, x: mx.array, count_as_prefill: bool) -> mx.array:
@@ -196,19 +142,19 @@ class FlashMLP(nn.Module):
         rt, m = self._rt, self._rt.manifest
         rows = rt.chunk.shape[0]
         before = rt.reader.snapshot()
-        first = self._cache.num_used if rt.mode == "hybrid" else 0
-        y = self._ffn(x, self._cache.weights(m.mx_dtype), mx.arange(first)) if first else None
+        first = self.cache.num_used if rt.mode == "hybrid" else 0
+        y = self._ffn(x, self.cache.weights(m.mx_dtype), mx.arange(first)) if first else None
         for start in range(first, m.ffn_dim, rows):
             n = min(rows, m.ffn_dim - start)
-            rt.reader.read_range(m.neuron_offset(self._layer, start), n * m.record_bytes,
-                                 rt._chunk_np[:n])
+            rt.reader.read_range(m.neuron_offset(self.layer, start), n * m.record_bytes,
+                                 rt.chunk_np[:n])
             part = self._ffn(x, rt.chunk[:n].view(m.mx_dtype), mx.arange(start, start + n))
             y = part if y is None else y + part
             mx.eval(y)  # the chunk buffer is overwritten next
         io = rt.reader.delta(before)
         if count_as_prefill:
             rt.stats.prefill_io = rt.stats.prefill_io + io
-            if self._layer == 0:
+            if self.layer == 0:
                 rt.stats.prefill_tokens += x.shape[0]
                 rt.stats.last_token_start = None  # a new prompt: the gap is not a token
         else:
@@ -217,11 +163,11 @@ class FlashMLP(nn.Module):
 
     def _active(self, x: mx.array) -> np.ndarray:
         """Sorted ids of the neurons to hold for the rows of x: predicted, or the exact set."""
-        if self._predictor is not None:
-            mask = self._predictor(x)  # (n, ffn) bool
+        if self.predictor is not None:
+            mask = self.predictor(x)  # (n, ffn) bool
         else:
             w_in, b_in = self._oracle
-            if not self._rt.relu:
+            if not self._rt.exact_sparse:
                 return np.arange(w_in.shape[0])  # no exact zeros: every neuron is active
             z = x @ w_in.T
             mask = (z + b_in if b_in is not None else z) > 0
@@ -232,16 +178,16 @@ class FlashMLP(nn.Module):
         """After prefill, hold the neurons of the last `window` prompt tokens."""
         for row in range(x_last.shape[0]):
             ids, _ = self._split_overflow(self._active(x_last[row : row + 1]))
-            self._cache.ensure(ids, self._step, self._rt.reader, self._offset)
+            self.cache.ensure(ids, self._step, self._rt.reader, self.offset)
             self._step += 1
-        self._cache.slide(self._step - 1, self._rt.window)
+        self.cache.slide(self._step - 1, self._rt.window)
 
     def _split_overflow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids the cache takes, ids beyond its capacity). Cached ones are kept first."""
-        cap = self._cache.capacity
+        cap = self.cache.capacity
         if len(ids) <= cap:
             return ids, ids[:0]
-        present = self._cache.row_of[ids] >= 0
+        present = self.cache.row_of[ids] >= 0
         missing = ids[~present]
         room = cap - int(present.sum())
         return np.sort(np.concatenate([ids[present], missing[:room]])), missing[room:]
@@ -253,11 +199,11 @@ class FlashMLP(nn.Module):
         t1 = time.perf_counter()
         before = rt.reader.snapshot()
         ids, overflow = self._split_overflow(ids)
-        stats = self._cache.ensure(ids, self._step, rt.reader, self._offset)
-        self._cache.slide(self._step, rt.window)
+        stats = self.cache.ensure(ids, self._step, rt.reader, self.offset)
+        self.cache.slide(self._step, rt.window)
         self._step += 1
-        records = self._cache.weights(rt.manifest.mx_dtype)
-        y = self._ffn(x, records, mx.array(self._cache.ids()))
+        records = self.cache.weights(rt.manifest.mx_dtype)
+        y = self._ffn(x, records, mx.array(self.cache.ids()))
         if len(overflow):
             y = y + self._uncached(x, overflow)
         io = rt.reader.delta(before)
@@ -274,7 +220,7 @@ class FlashMLP(nn.Module):
         for start in range(0, len(ids), rows):
             part_ids = ids[start : start + rows]
             n = len(part_ids)
-            rt.reader.read(self._offset, part_ids, rt._chunk_np[:n])
+            rt.reader.read(self.offset, part_ids, rt.chunk_np[:n])
             part = self._ffn(x, rt.chunk[:n].view(rt.manifest.mx_dtype), mx.array(part_ids))
             y = part if y is None else y + part
             mx.eval(y)  # the stream buffer is overwritten next
@@ -288,7 +234,7 @@ class FlashMLP(nn.Module):
         s.hits += hits
         s.misses += misses
         s.evictions += evicted
-        if self._layer == 0:
+        if self.layer == 0:
             # Layer 0 of token t+1 starts after token t is fully evaluated (the sync above).
             now = time.perf_counter()
             if s.last_token_start is not None:
@@ -298,17 +244,14 @@ class FlashMLP(nn.Module):
             s.tokens += 1
 
 
-def _mlp_biases(weights: dict[str, mx.array]) -> dict[int, dict[str, mx.array]]:
-    """Pop the FFN biases (sanitized names `...layers.{i}.mlp.{module}.bias`) by layer."""
+def _pop_biases(m: Manifest, weights: dict[str, mx.array]) -> dict[int, dict[str, mx.array]]:
+    """Pop the FFN biases (resident, under the HF names the manifest's parts give) by layer."""
     out: dict[int, dict[str, mx.array]] = {}
-    for k in [k for k in weights if _MLP_BIAS.search(k)]:
-        layer, module = _MLP_BIAS.search(k).groups()
-        out.setdefault(int(layer), {})[module] = weights.pop(k)
+    for layer in range(m.num_layers):
+        for p in m.parts:
+            if p.bias is not None:
+                out.setdefault(layer, {})[p.name] = weights.pop(p.bias_name(layer))
     return out
-
-
-def _activation(config: dict) -> str:
-    return config.get("activation_function") or config.get("hidden_act") or "silu"
 
 
 def load(
@@ -331,8 +274,8 @@ def load(
     `dense`, `naive` (whole FFN read per token), `oracle` (exact active set: the reference) or
     `predicted`. `window`: tokens whose neurons stay cached. `max_context`: tokens of KV cache
     the budget reserves (default: the model's limit, at most 2048). `capacity` overrides the
-    neuron-cache rows per layer that the budget would give. The model gains `flash_stats()`
-    (per-token figures), `flash_budget` (how memory is spent) and `flash_mode`.
+    neuron-cache rows per layer that the budget would give. The model gains `model.flash`, a
+    `FlashState`: mode, budget, runtime and the per-token figures (`model.flash.stats()`).
 
     `hybrid` mode keeps the budget's share of each layer (its first neurons) resident and reads
     the rest every token. `threads` and `max_request_bytes` (the reader's coalescing limit)
@@ -352,7 +295,7 @@ def load(
     budget = plan_budget(manifest, config, memory, max_context)
     if mode == "dense" or (mode == "auto" and budget.fits_dense):
         model, tokenizer = load_dense(path)
-        _attach(model, "dense", budget, FlashStats())
+        model.flash = FlashState("dense", budget)
         return model, tokenizer
     if mode in ("auto", "predicted"):
         from .predictor import PREDICTORS_FILE, load_predictors
@@ -372,48 +315,37 @@ def load(
     capacity = max(1, min(capacity, manifest.ffn_dim))
 
     model = build_model(config)
-    weights = model.sanitize(dict(mx.load(str(manifest.resident_path))))
-    biases = _mlp_biases(weights)
+    resident = dict(mx.load(str(manifest.resident_path)))
+    biases = _pop_biases(manifest, resident)
+    weights = model.sanitize(resident)
     if threads is None or max_request_bytes is None:
-        from .profiles import reader_settings
-
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
-    rt = FlashRuntime(manifest, mode, window, threads, _activation(config), max_request_bytes,
-                      bundled)
+    act = models.flash_spec(manifest.architecture).activation(config)
+    rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled)
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
             oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
             layer.mlp = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
                                  predictors[i] if predictors else None)
+            rt.layers.append(layer.mlp)
             if mode == "hybrid":  # the budget's share stays resident: the first neurons
-                layer.mlp._cache.ensure(np.arange(capacity), 0, rt.reader, layer.mlp._offset)
+                layer.mlp.cache.ensure(np.arange(capacity), 0, rt.reader, layer.mlp.offset)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     # The resident weights now live in MLX memory; their page-cache copy would only press on a
     # memory limit (Linux charges page cache to it).
     platform.evict_from_page_cache(manifest.resident_path)
     model.eval()
-    model.flash_runtime = rt
-    _attach(model, mode, budget, rt.stats, capacity)
+    model.flash = FlashState(mode, budget, rt, capacity)
     return model, load_tokenizer(path)
-
-
-def _attach(model, mode: str, budget: Budget, stats: FlashStats, capacity: int | None = None):
-    model.flash_mode = mode
-    model.flash_budget = budget.as_dict(mode)
-    if capacity is not None:
-        model.flash_budget["capacity"] = capacity
-    model.flash_stats = lambda: stats.per_token() if mode != "dense" else {}
 
 
 def _oracle(m: Manifest, layer: int, biases: dict, f) -> tuple[mx.array, mx.array | None]:
     """The dense input matrix (ffn, d) of one layer and its bias, for the exact activation."""
-    from .format import read_layer_records, to_mx
-
-    part = m.parts[0]  # fc1 or gate_proj: its sign decides activity
+    part = m.parts[0]  # the activation's input: its sign decides a ReLU neuron's activity
     records = read_layer_records(m, layer, file=f)
     return to_mx(records[:, part.offset : part.offset + part.length], m.dtype), biases.get(part.name)
 
 
-__all__ = ["load", "FlashMLP", "FlashStats", "MODES", "Budget"]
+__all__ = ["load", "FlashMLP", "FlashRuntime", "FlashState", "FlashStats", "MODES", "Budget"]

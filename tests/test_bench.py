@@ -164,12 +164,12 @@ def test_hybrid_and_unbundled_modes_are_exact(fixture_dir):
     m = fmt.read_manifest(fixture_dir)
     hybrid, _ = runtime.load(fixture_dir, memory="1GB", mode="hybrid", capacity=500)
     assert _greedy(hybrid, tok) == want
-    s = hybrid.flash_stats()
+    s = hybrid.flash.runtime.stats.per_token()
     assert s["flash_bytes_per_token"] == m.num_layers * (m.ffn_dim - 500) * m.record_bytes
     split, _ = runtime.load(fixture_dir, memory="1GB", mode="predicted", bundled=False)
     assert _greedy(split, tok) == want  # exact predictors: the oracle's tokens
-    s = split.flash_stats()
-    neurons = split.flash_runtime.stats.misses + split.flash_runtime.stats.overflow
+    s = split.flash.runtime.stats.per_token()
+    neurons = split.flash.runtime.stats.misses + split.flash.runtime.stats.overflow
     # Parts of 768 bytes share one 4 KiB page: two reads of it per neuron.
     assert s["read_requests_per_token"] * s["decode_tokens"] == 2 * neurons
     assert s["flash_bytes_per_token"] * s["decode_tokens"] == 2 * neurons * m.record_bytes

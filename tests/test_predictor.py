@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_flash import calibrate as C
 from mlx_flash import predictor as P
 from mlx_flash.checkpoint import load_config
 from mlx_flash.convert import convert
@@ -37,7 +38,7 @@ def opt_dir(tmp_path_factory):
 def opt_calibrated(tmp_path_factory, opt_dir):
     path = tmp_path_factory.mktemp("calibrated") / "opt"
     shutil.copytree(opt_dir, path)
-    report = P.calibrate(path, CALIB, tokens=8192, progress=False)
+    report = C.calibrate(path, CALIB, tokens=8192, progress=False)
     return path, report
 
 
@@ -48,14 +49,14 @@ def opt_copy(tmp_path, opt_calibrated):
     return path
 
 
-# -- the numpy forward used by calibration ------------------------------------------------------
+# -- the layer-by-layer walk of calibration -----------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["opt-fixture", "llama-relu-fixture"])
-def test_numpy_blocks_match_mlx(tmp_path_factory, name):
+def test_calibration_walk_matches_the_dense_model(tmp_path_factory, name):
     path = _flash(tmp_path_factory, name)
     m, config = read_manifest(path), load_config(path)
-    seqs = P._sequences(path, VAL, 128, 64)  # (2, 64)
+    seqs = C.sequences(path, VAL, 128, 64)  # (2, 64)
     model = load_model(path, dtype="float32")
     ids = mx.array(seqs)
     if hasattr(model.model, "decoder"):
@@ -64,17 +65,17 @@ def test_numpy_blocks_match_mlx(tmp_path_factory, name):
     else:
         h = model.model.embed_tokens(ids)
     inputs = []
-    for layer, lay in zip(model.layers, P._walk(m, config, seqs, None, None, False, "")):
+    for layer, lay in zip(model.layers, C.walk(m, config, seqs, None, None, False, "")):
         mlp = layer.mlp
         layer.mlp = lambda u, mlp=mlp: (inputs.append(u), mlp(u))[1]
         h = layer(h, "causal", None)
         layer.mlp = mlp
         want = np.array(inputs[-1]).reshape(-1, m.d_model)
-        assert np.abs(want - lay.x).max() < 1e-3
+        assert np.abs(want - lay.x.read(0, len(lay.x))).max() < 1e-3
         z = want @ np.array(mlp.gate_proj.weight if hasattr(mlp, "gate_proj") else mlp.fc1.weight).T
         if hasattr(mlp, "fc1"):
             z = z + np.array(mlp.fc1.bias)
-        agree = np.mean((z > 0) == lay.active)
+        agree = np.mean((z > 0) == lay.active.read(0, len(lay.active)))
         assert agree > 0.999
 
 
@@ -100,7 +101,7 @@ def test_calibrate_writes_file_and_manifest(opt_calibrated):
 
 
 def test_recall_on_validation_text(opt_calibrated):
-    table = P.evaluate(opt_calibrated[0], VAL, tokens=4096, window=4, progress=False)
+    table = C.evaluate(opt_calibrated[0], VAL, tokens=4096, window=4, progress=False)
     rows = table["layers"]
     assert table["tokens"] == 4096 and len(rows) == 6
     for row in rows:
@@ -145,13 +146,13 @@ def test_ranks_spec():
 
 def test_calibrate_rejects_bad_options_before_work(opt_dir, tmp_path):
     with pytest.raises(FlashError, match="--sparsity is for non-ReLU"):
-        P.calibrate(opt_dir, CALIB, sparsity=0.5, progress=False)
+        C.calibrate(opt_dir, CALIB, sparsity=0.5, progress=False)
     with pytest.raises(FlashError, match="no such file"):
-        P.calibrate(opt_dir, tmp_path / "missing.txt", progress=False)
+        C.calibrate(opt_dir, tmp_path / "missing.txt", progress=False)
     short = tmp_path / "short.txt"
     short.write_text("a few words only")
     with pytest.raises(FlashError, match="need at least"):
-        P.calibrate(opt_dir, short, progress=False)
+        C.calibrate(opt_dir, short, progress=False)
     assert not (opt_dir / "predictors.safetensors").exists()
 
 
@@ -161,14 +162,14 @@ def test_non_relu_threshold_sets_sparsity(tmp_path_factory):
     config = json.loads((path / "config.json").read_text())
     config["hidden_act"] = "silu"  # same weights, dense activation: exercises the CATS path
     (path / "config.json").write_text(json.dumps(config))
-    report = P.calibrate(path, CALIB, tokens=4096, ranks=32, sparsity=0.6, progress=False)
+    report = C.calibrate(path, CALIB, tokens=4096, ranks=32, sparsity=0.6, progress=False)
     assert report["activation"] == "silu" and report["sparsity"] == 0.6
     assert len(report["activation_thresholds"]) == 6
     assert all(t > 0 for t in report["activation_thresholds"])
     for row in report["layers"]:
         assert abs(row["true_sparsity"] - 0.6) < 0.08
         assert row["recall"] >= 0.9
-    table = P.evaluate(path, VAL, tokens=1024, progress=False)
+    table = C.evaluate(path, VAL, tokens=1024, progress=False)
     assert all(abs(r["true_sparsity"] - 0.6) < 0.1 for r in table["layers"])
 
 
@@ -244,7 +245,7 @@ def opt_model(opt_dir):
 
 def test_dense_perplexity_opt(opt_model):
     model, tokenizer = opt_model
-    out = perplexity(model, tokenizer, VAL, window=256, max_tokens=1024, progress=False)
+    out = perplexity(model, tokenizer, VAL, seq_len=256, max_tokens=1024, progress=False)
     assert out["windows"] == 4 and out["window"] == 256 and out["tokens"] == 4 * 255
     # README: 16.1 over the whole file; the first 1k tokens are harder (24.8 measured)
     assert math.isfinite(out["perplexity"]) and 10 < out["perplexity"] < 40
@@ -252,8 +253,8 @@ def test_dense_perplexity_opt(opt_model):
 
 def test_token_by_token_matches_windows(opt_model):
     model, tokenizer = opt_model
-    whole = perplexity(model, tokenizer, VAL, window=24, max_tokens=60, progress=False)
-    steps = perplexity(model, tokenizer, VAL, window=24, max_tokens=60, progress=False,
+    whole = perplexity(model, tokenizer, VAL, seq_len=24, max_tokens=60, progress=False)
+    steps = perplexity(model, tokenizer, VAL, seq_len=24, max_tokens=60, progress=False,
                        token_by_token=True)
     assert whole["windows"] == steps["windows"] == 2 and whole["tokens"] == 46
     assert steps["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-3)
@@ -268,17 +269,17 @@ def test_runtime_predicted_mode(opt_calibrated):
     path, _ = opt_calibrated
     dense, tokenizer = load_model(path), load_tokenizer(path)
     model, _ = runtime.load(path, memory="200MB", mode="predicted")
-    assert model.flash_mode == "predicted"
-    assert model.flash_budget["other"] > 0  # the predictors count against the budget
-    ref = perplexity(dense, tokenizer, VAL, window=64, max_tokens=256, progress=False,
+    assert model.flash.mode == "predicted"
+    assert model.flash.budget.other > 0  # the predictors count against the budget
+    ref = perplexity(dense, tokenizer, VAL, seq_len=64, max_tokens=256, progress=False,
                      token_by_token=True)
-    got = perplexity(model, tokenizer, VAL, window=64, max_tokens=256, progress=False,
+    got = perplexity(model, tokenizer, VAL, seq_len=64, max_tokens=256, progress=False,
                      token_by_token=True)
     assert got["tokens"] == ref["tokens"]
     # 8k calibration tokens only: quality close to dense, reads far below the whole FFN
     assert got["perplexity"] < 1.05 * ref["perplexity"]
-    stats = model.flash_stats()
-    naive = model.flash_runtime.manifest.num_layers * model.flash_runtime.manifest.layer_bytes
+    stats = model.flash.runtime.stats.per_token()
+    naive = model.flash.runtime.manifest.num_layers * model.flash.runtime.manifest.layer_bytes
     assert 0 < stats["flash_bytes_per_token"] < naive / 10
 
 
@@ -288,4 +289,4 @@ def test_runtime_predicted_mode_without_predictors(opt_dir):
     with pytest.raises(FlashError, match="mlx-flash calibrate"):
         runtime.load(opt_dir, memory="200MB", mode="predicted")
     model, _ = runtime.load(opt_dir, memory="22MB")  # auto: the exact set stands in
-    assert model.flash_mode == "oracle"
+    assert model.flash.mode == "oracle"

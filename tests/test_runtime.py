@@ -61,9 +61,9 @@ def test_oracle_is_exact(flash_dirs, name, variant):
     tokens, logits = _greedy_logits(flash, tok)
     assert tokens == ref_tokens
     assert np.abs(logits - ref_logits).max() <= 1e-4
-    stats = flash.flash_stats()
+    stats = flash.flash.runtime.stats.per_token()
     assert stats["decode_tokens"] == NEW
-    assert 0 < stats["flash_bytes_per_token"] < flash.flash_budget["dense_ffn"]
+    assert 0 < stats["flash_bytes_per_token"] < flash.flash.budget.dense_ffn
     if variant == "tiny-capacity":
         assert stats["evictions_per_token"] >= 1 and stats["overflow_neurons_per_token"] == 0
     elif variant == "overflow":
@@ -79,7 +79,7 @@ def test_fresh_loads_shrink_with_the_window(flash_dirs):
     for k in (1, 4):
         model, tok = runtime.load(path, memory="1GB", mode="oracle", window=k)
         _greedy_logits(model, tok, n=32)
-        per_token[k] = model.flash_stats()["flash_bytes_per_token"]
+        per_token[k] = model.flash.runtime.stats.per_token()["flash_bytes_per_token"]
     assert per_token[4] < 0.8 * per_token[1]
 
 
@@ -88,17 +88,17 @@ def test_naive_reads_the_whole_ffn_every_token(flash_dirs):
     model, tok = runtime.load(path, memory="1GB", mode="naive")
     dense, _ = load_dense(path)
     assert _greedy_logits(model, tok, n=8)[0] == _greedy_logits(dense, tok, n=8)[0]
-    layer_bytes = model.flash_runtime.manifest.layer_bytes
-    assert model.flash_stats()["flash_bytes_per_token"] == 6 * layer_bytes
+    layer_bytes = model.flash.runtime.manifest.layer_bytes
+    assert model.flash.runtime.stats.per_token()["flash_bytes_per_token"] == 6 * layer_bytes
 
 
 def test_reader_bytes_equal_os_read_bytes(flash_dirs):
     path = flash_dirs["llama-relu-fixture"]
     model, tok = runtime.load(path, memory="1GB", mode="oracle")
-    if not model.flash_runtime.reader.direct or platform.process_read_bytes() is None:
+    if not model.flash.runtime.reader.direct or platform.process_read_bytes() is None:
         pytest.skip("needs O_DIRECT and /proc/self/io")
     assert platform.evict_from_page_cache(path / "ffn.bundles")
-    reader = model.flash_runtime.reader
+    reader = model.flash.runtime.reader
     before_os, before = platform.process_read_bytes(), reader.snapshot()
     _greedy_logits(model, tok, n=16)
     read_os = platform.process_read_bytes() - before_os
@@ -107,9 +107,9 @@ def test_reader_bytes_equal_os_read_bytes(flash_dirs):
 
 def test_auto_mode_loads_dense_when_the_model_fits(flash_dirs):
     model, _ = runtime.load(flash_dirs["opt-fixture"], memory="1GB")
-    assert model.flash_mode == "dense"
+    assert model.flash.mode == "dense"
     model, _ = runtime.load(flash_dirs["opt-fixture"], memory="55MB")
-    assert model.flash_mode != "dense" and 0 < model.flash_budget["capacity"] < 1536
+    assert model.flash.mode != "dense" and 0 < model.flash.capacity < 1536
 
 
 def test_budget_too_small_says_what_is_needed(flash_dirs):
@@ -143,7 +143,7 @@ for _ in range(48):
     mx.eval(logits)
 oracle = sum(m.mlp._oracle[0].nbytes for m in model.layers)
 print(json.dumps({"base": base, "peak": platform.peak_rss_bytes(), "oracle": oracle,
-                  "budget": model.flash_budget, "stats": model.flash_stats()}))
+                  "budget": model.flash.budget.as_dict(model.flash.mode), "stats": model.flash.runtime.stats.per_token()}))
 """
 
 

@@ -23,10 +23,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_flash import format as fmt
+from mlx_flash.calibrate import calibrate, evaluate
 from mlx_flash.convert import convert
 from mlx_flash.loader import load_model, load_tokenizer
 from mlx_flash.perplexity import perplexity
-from mlx_flash.predictor import calibrate, evaluate, load_predictors
+from mlx_flash.predictor import load_predictors
 
 SHARED = Path(os.environ.get("MLX_FLASH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FIXTURES = ("opt-fixture", "llama-relu-fixture")

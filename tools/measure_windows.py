@@ -20,15 +20,15 @@ def measure(flash: Path, text: str, tokens: int) -> dict:
     out = {}
     for window in (1, 4, 8):
         model, tok = runtime.load(flash, memory="1GB", mode="oracle", window=window)
-        m = model.flash_runtime.manifest
+        m = model.flash.runtime.manifest
         ids = tok.encode(text)[: tokens + 1]
         cache = model.make_cache()
         model(mx.array([ids[:1]]), cache=cache)
         for t in ids[1:]:
             mx.eval(model(mx.array([[t]]), cache=cache))
-        s = model.flash_stats()
+        s = model.flash.runtime.stats.per_token()
         neurons = m.num_layers * m.ffn_dim
-        held = sum(layer.mlp._cache.num_used for layer in model.layers) / neurons
+        held = sum(layer.mlp.cache.num_used for layer in model.layers) / neurons
         out[window] = (s["flash_bytes_per_token"] / m.record_bytes / neurons, held,
                        s["read_requests_per_token"], s["flash_bytes_per_token"])
     return out

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 import zlib
@@ -36,6 +35,8 @@ import numpy as np
 from mlx_flash import format as fmt
 from mlx_flash import platform
 from mlx_flash.bench import SYNTHETIC_FILE, synthetic_spec
+from mlx_flash.dtypes import FLOATS
+from mlx_flash.safetensors import encode_header
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "opt-tiny"
 FLUSH_BYTES = 256 << 20
@@ -58,9 +59,9 @@ def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndar
     n = int(np.prod(shape))
     if name.endswith("norm.weight"):
         fill = 1.0 if dtype == "float32" else ONE[dtype]
-        return np.full(shape, fill, dtype=fmt.DTYPES[dtype][3])
+        return np.full(shape, fill, dtype=FLOATS[dtype].storage)
     if name.endswith(".bias"):
-        return np.zeros(shape, dtype=fmt.DTYPES[dtype][3])
+        return np.zeros(shape, dtype=FLOATS[dtype].storage)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     return _random_values(rng, n, dtype).reshape(shape)
 
@@ -97,15 +98,7 @@ class _Sink:
 
 
 def _safetensors_header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
-    header, pos = {"__metadata__": {"format": "pt", "synthetic": "true"}}, 0
-    for name, dtype, shape in specs:
-        nbytes = int(np.prod(shape)) * fmt.ITEMSIZE[dtype]
-        header[name] = {"dtype": fmt.ST_NAME[dtype], "shape": list(shape),
-                        "data_offsets": [pos, pos + nbytes]}
-        pos += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return encode_header(specs, {"format": "pt", "synthetic": "true"})
 
 
 def _config(d_model, ffn_dim, layers, vocab, max_pos, dtype) -> dict:
@@ -236,7 +229,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=50272)
     ap.add_argument("--max-pos", type=int, default=2048)
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(fmt.DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(FLOATS))
     ap.add_argument("--align", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")

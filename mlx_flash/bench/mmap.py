@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dtypes import BY_SAFETENSORS, FLOATS, to_mx
 from ..errors import FlashError
 
 
@@ -26,21 +27,21 @@ class _Mapped:
         self.seconds = 0.0
         self.buffers = {}  # parameter path inside a layer -> (MLX array, writable numpy view)
 
-    def fill(self, key: str, view: np.ndarray, bf16: bool):
+    def fill(self, key: str, view: np.ndarray, dtype: str):
+        """The buffer of `key` holding a copy of `view` (raw bits of floating `dtype`)."""
         import mlx.core as mx
 
         if key not in self.buffers:
-            dtype = {np.float16: mx.float16, np.uint16: mx.uint16, np.float32: mx.float32}
-            arr = mx.zeros(view.shape, dtype=dtype[view.dtype.type])
+            arr = mx.zeros(view.shape, dtype=mx.uint16 if view.itemsize == 2 else mx.float32)
             mx.eval(arr)
             self.buffers[key] = (arr, np.array(arr, copy=False))
         arr, dst = self.buffers[key]
         np.copyto(dst, view)  # page faults (disk reads under the limit) + memcpy
-        return arr.view(mx.bfloat16) if bf16 else arr
+        return arr.view(FLOATS[dtype].mx)
 
 
 class _Source:
-    """What a mapped layer reads: (parameter path, view of the mapping, is bf16) per tensor."""
+    """What a mapped layer reads: (parameter path, view of the mapping, dtype) per tensor."""
 
     def __init__(self, tensors: list, empty: dict, mapped: _Mapped):
         self.tensors, self.empty, self.mapped = tensors, empty, mapped
@@ -61,7 +62,7 @@ def _mapped_layer_class():
             inner.update(source.empty)
 
         def __getattr__(self, key: str):
-            # The model reads its layers' own attributes (mlx-lm's llama: `layer.use_sliding`).
+            # The model's loop may read its layers' own attributes (e.g. a sliding-window flag).
             # Children and parameters live in the Module's dict; "inner" is absent until set.
             if key in self or "inner" not in self:
                 return super().__getattr__(key)
@@ -71,7 +72,7 @@ def _mapped_layer_class():
             # The previous layer's output was evaluated: nothing pending reads the buffers.
             src = self._src
             t0 = time.perf_counter()
-            params = tree_unflatten([(k, src.mapped.fill(k, v, bf16)) for k, v, bf16 in src.tensors])
+            params = tree_unflatten([(k, src.mapped.fill(k, v, dt)) for k, v, dt in src.tensors])
             src.mapped.seconds += time.perf_counter() - t0
             self.inner.update(params)
             y = self.inner(x, mask, cache)
@@ -80,14 +81,6 @@ def _mapped_layer_class():
             return y
 
     return MappedLayer
-
-
-def _to_mx(view: tuple[np.ndarray, bool]):
-    import mlx.core as mx
-
-    arr, bf16 = view
-    a = mx.array(arr)
-    return a.view(mx.bfloat16) if bf16 else a
 
 
 def _mapped_model(ckpt: Path):
@@ -101,31 +94,31 @@ def _mapped_model(ckpt: Path):
 
     model = build_model(load_config(ckpt))
     views = {}
-    np_types = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
     for f in _checkpoint_files(ckpt):
         header, start = fmt.read_safetensors_header(f, f.name)
         mapping = np.memmap(f, dtype=np.uint8, mode="r")
         for name, e in header.items():
             lo, hi = e["data_offsets"]
-            if e["dtype"] not in np_types:
+            dtype = BY_SAFETENSORS[e["dtype"]]
+            if dtype.name not in FLOATS:
                 raise FlashError(f"{f}: {name} is {e['dtype']}; the mmap baseline maps floats only")
-            view = mapping[start + lo : start + hi].view(np_types[e["dtype"]]).reshape(e["shape"])
-            views[name] = (view, e["dtype"] == "BF16")
+            view = mapping[start + lo : start + hi].view(dtype.storage).reshape(e["shape"])
+            views[name] = (view, dtype.name)
     by_layer, rest = defaultdict(list), {}
-    for name, (view, bf16) in views.items():
+    for name, (view, dtype) in views.items():
         m = re.search(r"\.layers\.(\d+)\.", name)
         if m is None:
-            rest[name] = (view, bf16)
+            rest[name] = (view, dtype)
             continue
         path = next(iter(model.sanitize({name: None})))  # HF name -> parameter path
-        by_layer[int(m.group(1))].append((re.sub(r"^.*\.layers\.\d+\.", "", path), view, bf16))
+        by_layer[int(m.group(1))].append((re.sub(r"^.*\.layers\.\d+\.", "", path), view, dtype))
     mapped, layer_class = _Mapped(), _mapped_layer_class()
     layers = model.layers
     for i, layer in enumerate(layers):
         empty = tree_map(lambda _: mx.zeros((0,)), layer.parameters())
         layers[i] = layer_class(layer, _Source(by_layer[i], empty, mapped))
     # Embeddings, final norm: small, loaded once (the dense baselines count them too).
-    model.load_weights(list(model.sanitize({k: _to_mx(v) for k, v in rest.items()}).items()),
+    model.load_weights(list(model.sanitize({k: to_mx(v, dt) for k, (v, dt) in rest.items()}).items()),
                        strict=False)
     mx.eval(model.parameters())
     return model, load_tokenizer(ckpt), mapped

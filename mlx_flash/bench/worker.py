@@ -74,12 +74,12 @@ def _worker(spec: dict) -> dict:
         model, tok = runtime.load(path, memory=spec["memory"], max_context=spec["max_context"],
                                   threads=spec["threads"], max_request_bytes=spec["max_request_bytes"],
                                   predictors=predictors, **kw)
-        rt = model.flash_runtime
+        rt, budget = model.flash.runtime, model.flash.budget
         row.update(mode=kw["mode"], window=kw["window"], bundled=kw.get("bundled", True),
                    threads=rt.reader.threads, max_request_bytes=rt.reader.max_request_rows
                    * m.record_bytes, direct_io=rt.reader.direct,
-                   capacity_fraction=model.flash_budget["capacity_fraction"],
-                   budget_bytes=model.flash_budget["total"])
+                   capacity_fraction=round(budget.capacity / m.ffn_dim, 4),
+                   budget_bytes=budget.total)
     row["load_s"] = round(time.perf_counter() - t0, 2)
     row["mlx_peak_load_bytes"] = mx.get_peak_memory()
     mx.reset_peak_memory()
@@ -98,7 +98,7 @@ def _worker(spec: dict) -> dict:
                tokens_per_s=round(1000 / token_ms, 3), token_ms_each=[round(1000 * t, 1) for t in times])
     io_ms = cache_ms = predict_ms = 0.0
     if name in FLASH:
-        s = model.flash_runtime.stats
+        s = model.flash.runtime.stats
         st = s.per_token()
         io_ms, cache_ms, predict_ms = st["io_ms_per_token"], st["cache_ms_per_token"], st["predict_ms_per_token"]
         neurons = m.num_layers * m.ffn_dim
@@ -107,9 +107,9 @@ def _worker(spec: dict) -> dict:
                    read_gb_per_s=st["read_gb_per_s"], cache_hit_rate=st["cache_hit_rate"])
         if FLASH[name]["mode"] == "predicted":
             row["fresh_fraction"] = round((s.misses + s.overflow) / max(s.tokens, 1) / neurons, 4)
-            row["held_fraction"] = round(sum(lay.mlp._cache.num_used for lay in model.layers)
+            row["held_fraction"] = round(sum(mlp.cache.num_used for mlp in model.flash.runtime.layers)
                                          / neurons, 4)
-            preds = [lay.mlp._predictor for lay in model.layers]
+            preds = [mlp.predictor for mlp in model.flash.runtime.layers]
             if all(isinstance(p, SyntheticPredictor) for p in preds):
                 row["predicted_fraction"] = round(sum(p.predicted for p in preds) / max(
                     sum(p.steps for p in preds), 1) / m.ffn_dim, 4)

@@ -13,7 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
 
-ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu}
+from .. import activations
+from .base import FlashSpec, RecordPart
 
 
 @dataclass
@@ -24,11 +25,10 @@ class ModelArgs(llama.ModelArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"unsupported Llama hidden_act {self.hidden_act!r}; "
-                f"supported: {', '.join(ACTIVATIONS)}"
-            )
+        try:
+            activations.canonical(self.hidden_act)
+        except ValueError as e:
+            raise ValueError(f"Llama hidden_act: {e}") from None
         if self.rope_parameters:
             params = dict(self.rope_parameters)
             self.rope_theta = params.pop("rope_theta", self.rope_theta)
@@ -45,7 +45,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.act = ACTIVATIONS[args.hidden_act]
+        self.act = activations.mlx_fn(args.hidden_act)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -56,3 +56,13 @@ class Model(llama.Model):
         super().__init__(args)
         for layer in self.model.layers:
             layer.mlp = MLP(args)
+
+
+FLASH = FlashSpec(
+    dims=("hidden_size", "intermediate_size", "num_hidden_layers"),
+    parts=(RecordPart("gate_proj", "model.layers.{layer}.mlp.gate_proj", "row"),
+           RecordPart("up_proj", "model.layers.{layer}.mlp.up_proj", "row"),
+           RecordPart("down_proj", "model.layers.{layer}.mlp.down_proj", "column")),
+    hidden=lambda rows, act: act(rows["gate_proj"]) * rows["up_proj"],
+    activation=lambda config: config.get("hidden_act", "silu"),
+)

@@ -15,9 +15,11 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
+from .. import activations
+from .base import FlashSpec, RecordPart
+
 # OPT's learned positional embedding table starts at row 2 (fairseq's padding offset).
 POSITION_OFFSET = 2
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
 
 @dataclass
@@ -40,11 +42,10 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(
-                f"unsupported OPT activation_function {self.activation_function!r}; "
-                f"supported: {', '.join(ACTIVATIONS)}"
-            )
+        try:
+            activations.canonical(self.activation_function)
+        except ValueError as e:
+            raise ValueError(f"OPT activation_function: {e}") from None
 
     @property
     def intermediate_size(self) -> int:
@@ -81,7 +82,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(args.hidden_size, args.ffn_dim, bias=args.enable_bias)
         self.fc2 = nn.Linear(args.ffn_dim, args.hidden_size, bias=args.enable_bias)
-        self.act = ACTIVATIONS[args.activation_function]
+        self.act = activations.mlx_fn(args.activation_function)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self.act(self.fc1(x)))
@@ -168,9 +169,7 @@ class Model(nn.Module):
         """HF names -> ours: add the `model.` prefix some repos lack; fc1/fc2 live in `mlp`."""
         out = {}
         for k, v in weights.items():
-            if k.startswith("decoder."):
-                k = "model." + k
-            k = re.sub(r"\.layers\.(\d+)\.(fc[12])\.", r".layers.\1.mlp.\2.", k)
+            k = re.sub(r"\.layers\.(\d+)\.(fc[12])\.", r".layers.\1.mlp.\2.", checkpoint_key(k))
             out[k] = v
         if self.args.tie_word_embeddings:
             out.pop("lm_head.weight", None)
@@ -182,3 +181,18 @@ class Model(nn.Module):
 
     def make_cache(self):
         return [KVCache() for _ in self.layers]
+
+
+def checkpoint_key(name: str) -> str:
+    """Some OPT repos name their tensors without the `model.` prefix."""
+    return "model." + name if name.startswith("decoder.") else name
+
+
+FLASH = FlashSpec(
+    dims=("hidden_size", "ffn_dim", "num_hidden_layers"),
+    parts=(RecordPart("fc1", "model.decoder.layers.{layer}.fc1", "row"),
+           RecordPart("fc2", "model.decoder.layers.{layer}.fc2", "column")),
+    hidden=lambda rows, act: act(rows["fc1"]),
+    activation=lambda config: config.get("activation_function", "relu"),
+    checkpoint_key=checkpoint_key,
+)

@@ -1,0 +1,56 @@
+"""What a model file declares about its architecture for flash: the `FlashSpec`.
+
+Each `mlx_flash/models/<model_type>.py` holds the MLX model (ModelArgs, Model with `sanitize`,
+`layers`) and a module-level `FLASH = FlashSpec(...)`: the config keys of its dimensions, its
+activation, the parts of a neuron's record in order, and how the FFN combines the row parts.
+Nothing outside `mlx_flash/models/` knows an architecture; it asks the spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RecordPart:
+    """One slice of a neuron's record: row `i` of an (ffn, d) input matrix, or column `i` of the
+    (d, ffn) output matrix. `module` is the HF module path (checkpoint names, `{layer}` for the
+    layer index) whose `.weight` (and `.bias`, if the checkpoint has one) it comes from."""
+
+    name: str
+    module: str
+    axis: str  # "row" or "column"
+
+
+@dataclass(frozen=True)
+class FlashSpec:
+    """An architecture as the flash format and runtime see it.
+
+    `parts`: the record layout, the row parts first (the first one is the activation's input,
+    whose sign tells a ReLU neuron's activity), the single column part last. `hidden(rows, act)`
+    combines the row products (name -> (n_tokens, n_neurons), biases added) into the activation
+    that multiplies the column part; it uses only operators, so it runs on MLX and numpy arrays.
+    `dims`: config.json keys of (d_model, ffn_dim, num_layers). `activation(config)`: the HF name
+    of the FFN activation. `checkpoint_key(name)`: a checkpoint tensor name in the normal HF
+    spelling the parts use (e.g. a missing `model.` prefix added); `Model.sanitize` starts from it.
+    """
+
+    dims: tuple[str, str, str]
+    parts: tuple[RecordPart, ...]
+    hidden: Callable[[dict[str, Any], Callable], Any]
+    activation: Callable[[dict], str]
+    checkpoint_key: Callable[[str], str] = lambda name: name
+
+    @property
+    def row_parts(self) -> tuple[RecordPart, ...]:
+        return tuple(p for p in self.parts if p.axis == "row")
+
+    @property
+    def column_part(self) -> RecordPart:
+        return self.parts[-1]
+
+    def config_dims(self, config: dict) -> tuple[Any, Any, Any]:
+        """(d_model, ffn_dim, num_layers) as config.json states them (unchecked)."""
+        return tuple(config.get(k) for k in self.dims)

@@ -1,0 +1,151 @@
+"""What a loaded model carries about flash: `model.flash`, a `FlashState`, and its figures.
+
+Every loader of this package sets `model.flash`: the mode, the memory budget (a flash dir's), the
+runtime (None when every weight is in memory) and the counters. Generation, chat, batch, bench and
+the CLI read it through `state_of(model)`, which also covers a plain mlx-lm model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import platform
+from .storage import ReadStats
+from .units import mib
+
+if TYPE_CHECKING:
+    from .memory import Budget
+    from .runtime import FlashRuntime
+
+
+@dataclass
+class FlashStats:
+    """Counters of one model: decode tokens give the per-token figures; prefill is kept apart."""
+
+    tokens: int = 0  # decode tokens (layer-0 decode calls)
+    timed_tokens: int = 0  # of those, the ones whose wall time is known (next token started)
+    token_s: float = 0.0
+    io: ReadStats = field(default_factory=ReadStats)
+    cache_s: float = 0.0
+    predict_s: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    overflow: int = 0  # active neurons read past the cache because it was full
+    prefill_tokens: int = 0
+    prefill_io: ReadStats = field(default_factory=ReadStats)
+    last_token_start: float | None = None
+
+    def since(self, before: FlashStats) -> FlashStats:
+        """The counts accumulated after the snapshot `before`."""
+        delta = {f.name: None if f.name == "last_token_start"
+                 else getattr(self, f.name) - getattr(before, f.name)
+                 for f in dataclasses.fields(self)}
+        return FlashStats(**delta)
+
+    def per_token(self) -> dict:
+        """Figures per decode token (what `--json` and `bench` print)."""
+        n = max(self.tokens, 1)
+        io_ms, cache_ms = 1000 * self.io.seconds / n, 1000 * self.cache_s / n
+        predict_ms = 1000 * self.predict_s / n
+        token_ms = 1000 * self.token_s / self.timed_tokens if self.timed_tokens else None
+        looked_up = self.hits + self.misses
+        return {
+            "decode_tokens": self.tokens,
+            "flash_bytes_per_token": round(self.io.bytes / n),
+            "read_requests_per_token": round(self.io.requests / n, 2),
+            "read_gb_per_s": round(self.io.gb_per_s, 3),
+            "io_ms_per_token": round(io_ms, 3),
+            "cache_ms_per_token": round(cache_ms, 3),
+            "predict_ms_per_token": round(predict_ms, 3),
+            "compute_ms_per_token": None if token_ms is None
+            else round(max(token_ms - io_ms - cache_ms - predict_ms, 0.0), 3),
+            "token_ms": None if token_ms is None else round(token_ms, 3),
+            "tokens_per_s": None if token_ms is None else round(1000 / token_ms, 2),
+            "cache_hit_rate": round(self.hits / looked_up, 4) if looked_up else None,
+            "evictions_per_token": round(self.evictions / n, 2),
+            "overflow_neurons_per_token": round(self.overflow / n, 2),
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_flash_bytes": self.prefill_io.bytes,
+        }
+
+
+@dataclass
+class FlashState:
+    """How a model was loaded: `mode`, the memory `budget` (flash dirs only), the `runtime`
+    streaming its FFNs (None when every weight is in memory) and `capacity`, the neuron-cache
+    rows per layer it holds."""
+
+    mode: str = "dense"
+    budget: Budget | None = None
+    runtime: FlashRuntime | None = None
+    capacity: int | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.runtime is not None
+
+    @property
+    def max_context(self) -> int | None:
+        """Tokens of KV cache the budget reserves (None without a budget)."""
+        return self.budget.max_context if self.budget is not None else None
+
+    def counters(self) -> FlashStats | None:
+        """A snapshot of the counters (None when nothing streams), for `stats(since=...)`."""
+        return None if self.runtime is None else dataclasses.replace(self.runtime.stats)
+
+    def stats(self, since: FlashStats | None = None) -> dict:
+        """The per-token flash figures (none when nothing streams), the budget and peak RSS.
+
+        `since`: a `counters()` snapshot; the figures then cover only what came after it.
+        """
+        out = {}
+        if self.runtime is not None:
+            counters = self.runtime.stats
+            out = (counters.since(since) if since is not None else counters).per_token()
+            out.pop("tokens_per_s")  # mlx-lm's end-to-end figure is the one reported
+        if self.budget is not None:
+            out["memory_budget_bytes"] = self.budget.total
+            out["neuron_cache_rows_per_layer"] = (self.capacity if self.capacity is not None
+                                                  else self.budget.capacity)
+        out["peak_rss_bytes"] = platform.peak_rss_bytes()
+        return out
+
+
+def state_of(model) -> FlashState:
+    """`model.flash`, or a dense state for a model this package did not load."""
+    state = getattr(model, "flash", None)
+    return state if isinstance(state, FlashState) else FlashState()
+
+
+def stats_line(s: dict, detail: bool = False) -> str:
+    """The one-line summary after a generation: tokens, tok/s and, on a flash model, bytes per
+    token and the cache hit rate; `detail` adds mode, reads, the time split, budget, peak RSS."""
+    tokens, tps = s.get("generation_tokens", 0), s.get("tokens_per_s")
+    parts = [f"{tokens} tokens"]
+    if tokens and tps:  # no figure for nothing generated (a rate of 0 tokens is noise)
+        parts.append(f"{tps:.1f} tok/s")
+    if "prefilled_tokens" in s:
+        parts.append(f"prefill {s['prefilled_tokens']}")
+    if detail:
+        parts.append(f"mode {s.get('mode', 'dense')}")
+    hit = s.get("cache_hit_rate")
+    if s.get("flash_bytes_per_token") is not None:
+        flash = f"flash {mib(s['flash_bytes_per_token'])}/token"
+        if detail:
+            flash += f" in {s['read_requests_per_token']:.0f} reads"
+        parts.append(flash)
+        if detail:
+            parts.append(f"I/O {s['io_ms_per_token']:.1f} ms + cache {s['cache_ms_per_token']:.1f}"
+                         f" ms + compute {s['compute_ms_per_token'] or 0:.1f} ms per token")
+        if hit is not None:
+            parts.append(f"cache hits {hit:.0%}")
+        elif detail:
+            parts.append("no cache")
+        if detail and s.get("memory_budget_bytes"):
+            parts.append(f"budget {mib(s['memory_budget_bytes'], 1)}")
+    if detail:
+        parts.append(f"peak RSS {mib(s['peak_rss_bytes'], 0)}")
+    return "[" + ", ".join(parts) + "]"
