@@ -14,13 +14,15 @@ def load(
     memory: str | float | int | None = None,
     mode: str = "auto",
     window: int | None = None,
+    max_context: int | None = None,
     **kwargs,
 ):
     """Load `(model, tokenizer)` from an HF checkpoint dir (dense) or a flash model dir.
 
-    For a flash dir, `memory`, `mode`, `window` and the other keywords go to
-    `mlx_flash.runtime.load`. An HF checkpoint only loads densely: convert it first
-    (`mlx-flash convert`) to stream it from flash.
+    For a flash dir, `memory`, `mode`, `window`, `max_context` (tokens of context the KV cache
+    holds) and the other keywords go to `mlx_flash.runtime.load`. An HF checkpoint only loads
+    densely (convert it first, `mlx-flash convert`, to stream it from flash); `max_context` then
+    caps its context.
     """
     path = Path(path)
     if is_flash_dir(path):
@@ -28,10 +30,12 @@ def load(
 
         if window is not None:
             kwargs["window"] = window
-        return runtime.load(path, memory=memory, mode=mode, **kwargs)
+        return runtime.load(path, memory=memory, mode=mode, max_context=max_context, **kwargs)
     if mode not in ("auto", "dense") or memory is not None or window is not None:
         raise FlashError(
             f"{path} is a Hugging Face checkpoint, which loads only densely; run "
             f"`mlx-flash convert {path}` and use the flash dir for --memory/--mode/--window"
         )
-    return load_dense(path)
+    model, tokenizer = load_dense(path)
+    model.flash.max_context = max_context
+    return model, tokenizer

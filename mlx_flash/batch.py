@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import FlashError
-from .generation import context_limit, defer_sigint, encode, generate
+from .generation import as_chat, defer_sigint, generate
 
 # Generation options an input line may set, with a check of the value.
 _NUMBER = (int, float)
@@ -183,24 +183,22 @@ class _Appender:
         os.close(self.fd)
 
 
-def _run_one(model, tokenizer, job: Job, defaults: dict, limit: int) -> dict:
+def _run_one(model, tokenizer, job: Job, defaults: dict, raw: bool) -> dict:
     opts = {**defaults, **job.options}
-    ids = encode(tokenizer, job.prompt)
-    if len(ids) >= limit:
-        raise FlashError(f"the prompt is {len(ids)} tokens; the context holds {limit}")
-    opts["max_tokens"] = min(opts.get("max_tokens", 256), limit - len(ids))
-    result = generate(model, tokenizer, ids, **opts)
+    result = generate(model, tokenizer, as_chat(tokenizer, job.prompt, raw), **opts)
     return {"id": job.id, "text": result["text"], "tokens": result["tokens"],
             "stats": result["stats"]}
 
 
-def run(model, tokenizer, plan: Plan, defaults: dict | None = None, progress: bool = True) -> dict:
+def run(model, tokenizer, plan: Plan, defaults: dict | None = None, progress: bool = True,
+        raw: bool = False) -> dict:
     """Generate for every pending job of `plan`, appending one output line per job.
 
     `defaults`: generation options (`max_tokens`, `temp`, `top_p`, `repetition_penalty`,
     `seed`, `stop`, ...) that an input line's own options override. A line that cannot run
     (bad JSON, no prompt, a bad option, a duplicate id, a prompt longer than the context, a
-    generation error) gets an error record and the batch goes on. Returns a summary; with
+    generation error) gets an error record and the batch goes on. Prompts go through the
+    tokenizer's chat template when it has one, unless `raw`. Returns a summary; with
     nothing pending, the model is not touched (it may be None).
     """
     summary = {"input": str(plan.input), "out": str(plan.out), "total": len(plan.jobs),
@@ -208,7 +206,6 @@ def run(model, tokenizer, plan: Plan, defaults: dict | None = None, progress: bo
     if not plan.pending:
         return summary
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
-    limit = context_limit(model)
     writer = _Appender(plan.out)
     bar = tqdm(total=len(plan.jobs), initial=plan.done, desc="batch", unit="prompt",
                disable=not progress, dynamic_ncols=True)
@@ -219,7 +216,7 @@ def run(model, tokenizer, plan: Plan, defaults: dict | None = None, progress: bo
                 record = {"id": job.id, "line": job.line, "error": job.error}
             else:
                 try:
-                    record = _run_one(model, tokenizer, job, defaults, limit)
+                    record = _run_one(model, tokenizer, job, defaults, raw)
                 except (KeyboardInterrupt, MemoryError):
                     raise
                 except Exception as e:  # one prompt's failure must not stop the batch

@@ -5,7 +5,8 @@ block's FFN from `ffn.bundles`, so the whole model is never in memory; they wait
 in a scratch file in the model dir, and each block runs over chunks of CHUNK_TOKENS, so memory
 does not grow with the number of tokens. In each block the FFN is a `RecordingFFN`: the layer's
 dense FFN in numpy float32 (rebuilt from its records) that records its inputs and true active
-sets. Attention, norms and embeddings are the model file's own MLX modules. Per layer a
+sets. Attention, norms and embeddings are the model file's own MLX modules (on the CPU backend
+their linear products run in numpy: `NumpyLinear`). Per layer a
 predictor is trained (training.py) and its threshold picked for a target recall.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_map, tree_unflatten
 from tqdm import tqdm
 
 from . import activations, models
@@ -36,7 +37,7 @@ from .predictor import (
     PREDICTORS_VERSION,
     load_predictors,
     parse_ranks,
-    save_predictors,
+    write_predictors,
 )
 from .training import (
     RowFile,
@@ -48,6 +49,7 @@ from .training import (
     pick_threshold,
     train,
 )
+from .units import format_bytes
 
 DEFAULT_TOKENS = 200_000
 DEFAULT_TARGET_RECALL = 0.95
@@ -108,6 +110,32 @@ class RecordingFFN(nn.Module):
             self._active.write(self.start, h != 0)
         self.start += len(u2)
         return mx.array(self._ffn.out(h).reshape(u.shape))
+
+
+class NumpyLinear(nn.Module):
+    """An nn.Linear whose product numpy computes: on MLX's CPU backend, whose BLAS is a slow
+    reference one on Linux (DESIGN.md), the blocks' projections then run ~4x faster; the block
+    around them (norms, rope, attention, residuals) stays the model file's own MLX code."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self._w = np.array(linear.weight.astype(mx.float32)).T.copy()  # (in, out)
+        self._b = np.array(linear.bias.astype(mx.float32)) if "bias" in linear else None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = np.array(x.astype(mx.float32)) @ self._w
+        if self._b is not None:
+            y += self._b
+        return mx.array(y)
+
+
+def _numpy_products(block: nn.Module) -> None:
+    """On the CPU backend, every nn.Linear of `block` becomes a NumpyLinear (see there)."""
+    if mx.default_device() != mx.cpu:
+        return
+    linears = [(path, NumpyLinear(mod)) for path, mod in block.named_modules()
+               if type(mod) is nn.Linear]
+    block.update_modules(tree_unflatten(linears))
 
 
 class _Stop(Exception):
@@ -194,6 +222,7 @@ def walk(m: fmt.Manifest, config: dict, seqs: np.ndarray, sparsity: float | None
                 active = RowFile(scratch / f"active{i}", n, m.ffn_dim, bits=True)
                 layer.mlp = rec = RecordingFFN(ffn, x, active if exact else None)
                 _to_float32(layer)
+                _numpy_products(layer)
                 for a, b in chunks:
                     h = mx.array(hidden.read(a * L, b * L).reshape(b - a, L, m.d_model))
                     args, kwargs = block_args[b - a][i]
@@ -230,6 +259,16 @@ def _to_float32(module: nn.Module, but: list | None = None) -> None:
     finally:
         if but is not None:
             but[:] = kept
+
+
+def _check_scratch_space(m: fmt.Manifest, tokens: int) -> None:
+    """Refuse before any work when the model dir's volume cannot hold the scratch files."""
+    need = tokens * (2 * m.d_model * 4 + -(-m.ffn_dim // 8)) + m.num_layers * m.ffn_dim * 64
+    free = shutil.disk_usage(m.path).free
+    if free < need:
+        raise FlashError(f"{m.path}: calibration needs about {format_bytes(need)} of scratch "
+                         f"space there for {tokens} tokens, {format_bytes(free)} is free (free "
+                         "some, or pass fewer --tokens)")
 
 
 def _magnitude_threshold(ffn: DenseFFN, x: RowFile, sparsity: float) -> float:
@@ -287,6 +326,7 @@ def calibrate(
                          f"got {tokens}")
     rank_list = parse_ranks(ranks, m.num_layers, m.d_model, m.ffn_dim)
     seqs = sequences(m.path, data, tokens, seq_len)
+    _check_scratch_space(m, seqs.size)
     held = max(1, round(len(seqs) * HELDOUT_FRACTION))
     split = (len(seqs) - held) * seq_len  # tokens of the training part
 
@@ -306,7 +346,7 @@ def calibrate(
             tensors[f"layers.{i}.{key}"] = mx.array(value.astype(np.float16))
         tensors[f"layers.{i}.threshold"] = mx.array(np.array([threshold], dtype=np.float32))
 
-    save_predictors(m.path / PREDICTORS_FILE, tensors)
+    partial, crc = write_predictors(m.path / PREDICTORS_FILE, tensors)
     entry = {
         "file": PREDICTORS_FILE,
         "version": PREDICTORS_VERSION,
@@ -326,8 +366,14 @@ def calibrate(
             "seconds": round(time.perf_counter() - start, 1),
         },
         "layers": rows,
+        "crc32": crc,
     }
-    fmt.update_manifest(m.path, predictors=entry)
+    try:
+        fmt.update_manifest(m.path, with_file=(partial, m.path / PREDICTORS_FILE),
+                            predictors=entry)
+    except OSError as e:
+        raise FlashError(f"{m.path}: cannot update {fmt.MANIFEST} ({e.strerror}); is the disk "
+                         "full? The model dir is unchanged") from None
     return entry
 
 

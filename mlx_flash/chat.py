@@ -15,12 +15,12 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import platform
 from .errors import FlashError
-from .generation import Interrupted, context_limit, defer_sigint, stream_generate
+from .generation import Interrupted, context_limit, defer_sigint, new_cache, stream_generate
 from .state import state_of, stats_line
 from .units import mib
 
@@ -71,7 +71,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the history, empty the KV cache and restart the session stats."""
         self.history: list[dict] = []
-        self.cache = make_prompt_cache(self.model)
+        self.cache = new_cache(self.model)
         self.cached: list[int] = []  # the tokens the KV cache holds, in order
         self.replies = self.tokens = self.prefilled = 0
         self.decode_s = 0.0
@@ -126,7 +126,7 @@ class ChatSession:
             if can_trim_prompt_cache(self.cache):
                 trim_prompt_cache(self.cache, len(self.cached) - keep)
             else:
-                self.cache, keep = make_prompt_cache(self.model), 0
+                self.cache, keep = new_cache(self.model), 0
             self.cached = self.cached[:keep]
         return keep
 
@@ -137,7 +137,7 @@ class ChatSession:
         """
         offsets = [c.offset for c in self.cache if hasattr(c, "offset")]
         if len(offsets) != len(self.cache) or not can_trim_prompt_cache(self.cache):
-            self.cache, self.cached = make_prompt_cache(self.model), []
+            self.cache, self.cached = new_cache(self.model), []
             return
         n = min(min(offsets), len(known))
         for c in self.cache:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import shutil
+import zlib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import format as fmt
-from . import hub, models
+from . import hub, models, platform
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, to_storage
 from .errors import CheckpointError, FlashError
@@ -42,21 +43,23 @@ def convert(
     source: str,
     out: str | Path | None = None,
     dtype: str | None = None,
-    align: int = fmt.DEFAULT_ALIGNMENT,
+    align: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Convert a checkpoint of a supported architecture (local HF dir or Hub repo id) into a flash model dir.
 
     `dtype` defaults to the dtype of the source FFN weights; `align` is the record alignment in
-    bytes. An existing output directory is replaced only with `force`. Returns the output path.
+    bytes (default `default_alignment`: the smallest that holds one neuron, at most 16 KiB).
+    An existing output directory is replaced only with `force`. Returns the output path.
     """
     if dtype is not None and dtype not in FLOATS:
         raise FlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(FLOATS)}")
-    try:
-        fmt.check_alignment(align)
-    except ValueError as e:
-        raise FlashError(f"--align: {e}") from None
+    if align is not None:
+        try:
+            fmt.check_alignment(align)
+        except ValueError as e:
+            raise FlashError(f"--align: {e}") from None
     out = Path(out) if out is not None else default_out(source)
     _check_out(out, force)  # before any download
     local = hub.resolve(source, progress=progress)
@@ -66,6 +69,8 @@ def convert(
         raise FlashError(f"{out}: the output would replace the source checkpoint; pick another --out")
     ckpt = Checkpoint(local)
     plan = _plan(ckpt, dtype)
+    if align is None:
+        align = default_alignment(plan.payload_bytes)
 
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
@@ -105,6 +110,22 @@ class _Plan:
     names: dict[str, str]  # normalised HF name -> name in the checkpoint files
     biases: frozenset[str]  # record parts that have a bias
     ffn: frozenset[str]  # normalised names of the FFN weight matrices (go to ffn.bundles)
+    parts: int = 0  # record parts per neuron
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of one neuron's record without padding."""
+        return self.parts * self.d_model * FLOATS[self.dtype].itemsize
+
+
+def default_alignment(payload_bytes: int) -> int:
+    """The record alignment for records of `payload_bytes`: the smallest power of two that holds
+    them, at least the platform's direct-I/O block and at most the 16 KiB Apple SSD page (a
+    larger neuron spans several pages; padding stays under one page)."""
+    align = max(platform.direct_io_alignment(), fmt.MIN_ALIGNMENT)
+    while align < min(payload_bytes, fmt.DEFAULT_ALIGNMENT):
+        align *= 2
+    return align
 
 
 def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
@@ -144,7 +165,7 @@ def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
     target = dtype or src
     if target not in FLOATS:
         raise FlashError(f"{ckpt.path}: FFN weights are {src}; pass --dtype float16|bfloat16|float32")
-    return _Plan(arch, target, d, ffn, layers, names, biases, frozenset(ffn_names))
+    return _Plan(arch, target, d, ffn, layers, names, biases, frozenset(ffn_names), len(parts))
 
 
 class _Sink:
@@ -155,13 +176,19 @@ class _Sink:
     """
 
     def __init__(self, path: Path):
-        self.path, self.f, self.pending = path, open(path, "wb"), 0
+        self.path, self.f, self.pending, self.crc = path, open(path, "wb"), 0, 0
 
     def write(self, data) -> None:
         n = self.f.write(data)
+        self.crc = zlib.crc32(data, self.crc)
         self.pending += n
         if self.pending >= EVICT_EVERY_BYTES:
             self.flush()
+
+    def take_crc(self) -> int:
+        """CRC-32 of what was written since the last call (verify.py checks it)."""
+        crc, self.crc = self.crc, 0
+        return crc
 
     def flush(self) -> None:
         self.f.flush()
@@ -184,18 +211,23 @@ def _write(ckpt: Checkpoint, plan: _Plan, out: Path, source: str, align: int, pr
         source=source, created_by=_created_by(),
     )
     name = Path(source).name or source
-    _write_bundles(ckpt, plan, m, desc=f"convert {name}", progress=progress)
-    resident_bytes = _write_resident(ckpt, plan, m, progress)
-    m = dataclasses.replace(m, resident_bytes=resident_bytes)
+    sums = _write_bundles(ckpt, plan, m, desc=f"convert {name}", progress=progress)
+    resident_bytes, sums["resident"] = _write_resident(ckpt, plan, m, progress)
+    m = dataclasses.replace(m, resident_bytes=resident_bytes,
+                            extra={"checksums": {"algorithm": "crc32", **sums}})
     _copy_side_files(ckpt.path, out)
     fmt.write_manifest(m)
     fmt.read_manifest(out)  # the output must pass its own reader
 
 
-def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str, progress: bool):
+def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str,
+                   progress: bool) -> dict:
+    """Write ffn.bundles; returns its checksums: the header's and each layer's CRC-32."""
     sink = _Sink(m.ffn_path)
+    sums = {"ffn_header": 0, "ffn_layers": []}
     try:
         sink.write(m.ffn_header())
+        sums["ffn_header"] = sink.take_crc()
         chunk = max(1, RECORD_CHUNK_BYTES // m.record_bytes)
         for layer in tqdm(range(m.num_layers), desc=desc, unit="layer", disable=not progress):
             mats = []  # per part (ffn, d) in storage dtype; a column part is a transposed view
@@ -208,16 +240,20 @@ def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str, pr
                 for p, mat in zip(m.parts, mats, strict=True):
                     records[:, p.offset : p.offset + p.length] = mat[start:stop]
                 sink.write(memoryview(records).cast("B"))
+            sums["ffn_layers"].append(sink.take_crc())
             del mats, records
             mx.clear_cache()
     finally:
         size = sink.close()
     if size != m.ffn_bytes:
         raise FlashError(f"{m.ffn_path}: wrote {size} bytes, expected {m.ffn_bytes} (internal error)")
+    return sums
 
 
-def _write_resident(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, progress: bool) -> int:
-    """Stream the resident tensors into a safetensors file, one tensor in memory at a time."""
+def _write_resident(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest,
+                    progress: bool) -> tuple[int, int]:
+    """Stream the resident tensors into a safetensors file, one tensor in memory at a time;
+    returns its size and CRC-32."""
     head = encode_header([(name, dtype, shape) for name, (dtype, shape)
                           in m.resident_tensors.items()], {"format": "mlx"})
     sink = _Sink(m.resident_path)
@@ -233,7 +269,7 @@ def _write_resident(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, progress: bo
     finally:
         size = sink.close()
     mx.clear_cache()
-    return size
+    return size, sink.crc
 
 
 def _copy_side_files(src: Path, out: Path) -> None:

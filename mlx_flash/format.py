@@ -29,6 +29,7 @@ from .layout import (  # noqa: F401  (the layout's names are part of this module
     MAGIC,
     MANIFEST,
     MANIFEST_MAGIC,
+    MIN_ALIGNMENT,
     RESIDENT_FILE,
     Manifest,
     Part,
@@ -43,31 +44,40 @@ MAX_MANIFEST_BYTES = 64 << 20
 _RECONVERT = "re-run `mlx-flash convert` on the source checkpoint"
 
 
-def write_manifest(manifest: Manifest) -> None:
+def write_manifest(manifest: Manifest, with_file: tuple[Path, Path] | None = None) -> None:
     """Write manifest.json atomically: a crash leaves the old file or the new one, never half."""
-    write_atomic(manifest.path / MANIFEST, json.dumps(manifest.to_dict(), indent=1) + "\n")
+    write_atomic(manifest.path / MANIFEST, json.dumps(manifest.to_dict(), indent=1) + "\n",
+                 with_file)
 
 
-def update_manifest(path: str | Path, **entries) -> Manifest:
+def update_manifest(path: str | Path, with_file: tuple[Path, Path] | None = None,
+                    **entries) -> Manifest:
     """Set top-level `entries` of a valid directory's manifest.json (re-read first, so whatever
-    else was added meanwhile stays), atomically."""
+    else was added meanwhile stays), atomically. `with_file`: (partial, final) of a file written
+    beforehand that the entries describe; it is renamed into place only once the new manifest is
+    on disk, so a failure (a full disk) changes neither."""
     m = read_manifest(path)
     m = dataclasses.replace(m, extra={**m.extra, **entries})
-    write_manifest(m)
+    write_manifest(m, with_file)
     return m
 
 
-def write_atomic(file: Path, text: str) -> None:
-    """Replace `file` with `text` through `file.partial`, fsynced, then renamed over it."""
+def write_atomic(file: Path, text: str, with_file: tuple[Path, Path] | None = None) -> None:
+    """Replace `file` with `text` through `file.partial`, fsynced, then renamed over it (after
+    `with_file`'s partial is renamed to its final name, if given)."""
     partial = file.with_name(file.name + ".partial")
     try:
         with open(partial, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if with_file is not None:
+            os.replace(*with_file)
         os.replace(partial, file)
     finally:
         partial.unlink(missing_ok=True)
+        if with_file is not None:
+            with_file[0].unlink(missing_ok=True)
 
 
 def is_flash_dir(path: str | Path) -> bool:
@@ -381,6 +391,19 @@ def info(path: str | Path) -> dict[str, Any]:
         "bundle_payload_bytes": m.payload_bytes,
         "resident_bytes": m.resident_bytes,
         "flash_bytes": m.ffn_bytes,
+        "padding_fraction": round(1 - m.payload_bytes / m.record_bytes, 4),
         "resident_tensors": len(m.resident_tensors),
         "source": m.source,
+        "calibrated": _calibration(m.extra.get("predictors")),
+        "checksums": isinstance(m.extra.get("checksums"), dict),
+        "verified": (m.extra.get("verified") or {}).get("at"),
     }
+
+
+def _calibration(entry) -> str | None:
+    """What `info` says of the predictors: None when the dir was never calibrated."""
+    if not isinstance(entry, dict):
+        return None
+    cal = entry.get("calibration") or {}
+    return (f"{cal.get('tokens', '?')} tokens of {cal.get('data', '?')}, target recall "
+            f"{entry.get('target_recall', '?')}")

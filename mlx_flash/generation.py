@@ -19,9 +19,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .errors import FlashError
 from .state import state_of
 
 # The embedded demo model, shipped in the repository (never read from ../shared).
@@ -117,6 +119,37 @@ def context_limit(model) -> int:
     return min(limits) if limits else 2048
 
 
+def new_cache(model) -> list:
+    """mlx-lm's KV cache for `model`, grown in steps no larger than the context it was loaded
+    for: the cache never takes more memory than the budget reserved for it."""
+    cache = make_prompt_cache(model)
+    limit = context_limit(model)
+    for c in cache:
+        if getattr(c, "step", 0) > limit:
+            c.step = limit  # mlx-lm's KVCache allocates `step` tokens at a time (256)
+    return cache
+
+
+def as_chat(tokenizer, prompt: str, raw: bool = False) -> str | list[int]:
+    """`prompt` as the user message of the tokenizer's chat template (token ids), as mlx-lm's
+    generate does; unchanged when `raw` or when the tokenizer has no template."""
+    if raw or not getattr(tokenizer, "has_chat_template", False):
+        return prompt
+    messages = [{"role": "user", "content": prompt}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def fit_context(model, n_prompt: int, max_tokens: int, cached: int = 0) -> int:
+    """`max_tokens` cut to what the context leaves after the prompt (and `cached` tokens);
+    FlashError when the prompt alone fills it."""
+    limit = context_limit(model)
+    if cached + n_prompt >= limit:
+        raise FlashError(f"the prompt is {n_prompt} tokens; the context holds {limit}"
+                         + (f" and {cached} are in use" if cached else "")
+                         + " (shorten the prompt or raise --max-context)")
+    return min(max_tokens, limit - cached - n_prompt)
+
+
 def encode(tokenizer, prompt: str) -> list[int]:
     """Token ids of a text prompt, as mlx-lm's `stream_generate` makes them (BOS unless the
     text starts with it)."""
@@ -163,6 +196,14 @@ def stream_generate(
         )
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
+    if isinstance(prompt, str):
+        prompt = encode(tokenizer, prompt)
+    elif isinstance(prompt, mx.array):
+        prompt = prompt.tolist()
+    if kwargs.get("prompt_cache") is None:
+        kwargs["prompt_cache"] = new_cache(model)
+    cached = kwargs["prompt_cache"][0].offset if kwargs["prompt_cache"] else 0
+    max_tokens = fit_context(model, len(prompt), max_tokens, cached)
     pending = _Pending()
     progress = kwargs.get("prompt_progress_callback")
 

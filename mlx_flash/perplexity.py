@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from .errors import FlashError
+from .generation import new_cache
 
 DEFAULT_SEQ_LEN = 256
 BATCH_WINDOWS = 4  # windows per forward pass when not token by token
@@ -73,7 +74,7 @@ def perplexity(
     shorter than a window is dropped (unless the file holds less than one window). With
     `token_by_token`, each window runs one token at a time through the KV cache, exercising the
     decode path (what a flash model does per token); otherwise whole windows run at once.
-    Returns `perplexity`, `tokens` (scored), `windows`, `window`.
+    Returns `perplexity`, `tokens` (scored), `tokens_per_s`, `windows`, `window`.
     """
     if seq_len < 2:
         raise FlashError(f"--seq-len must be >= 2 tokens (got {seq_len})")
@@ -84,11 +85,12 @@ def perplexity(
     size = min(seq_len, len(ids))
     windows = np.asarray(ids[: count * size], dtype=np.int32).reshape(count, size)
     total, scored = 0.0, 0
+    tic = time.perf_counter()
     bar = tqdm(total=windows.size, desc="perplexity", unit="tok", disable=not progress,
                leave=False)
     if token_by_token:
         for row in windows:
-            cache = make_prompt_cache(model)
+            cache = new_cache(model)
             for t in range(size - 1):
                 logits = model(mx.array(row[None, t : t + 1]), cache=cache)  # (1, 1, vocab)
                 nll = _nll(logits[0, -1], mx.array(row[t + 1]))
@@ -108,6 +110,7 @@ def perplexity(
     return {
         "perplexity": round(math.exp(total / scored), 4),
         "tokens": scored,
+        "tokens_per_s": round(scored / (time.perf_counter() - tic), 2),
         "windows": count,
         "window": size,  # tokens per window (`seq_len`)
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -175,14 +176,19 @@ def parse_ranks(spec: str | int | None, num_layers: int, d_model: int, ffn_dim: 
     return ranks
 
 
-def save_predictors(file: Path, tensors: dict[str, mx.array]) -> None:
-    """Atomic write: `*.partial.safetensors`, then rename (mx.save_safetensors wants the suffix)."""
+def write_predictors(file: Path, tensors: dict[str, mx.array]) -> tuple[Path, int]:
+    """Write the predictors to `*.partial.safetensors` beside `file` (mx.save_safetensors wants
+    the suffix), flushed to disk; returns (the partial file, its CRC-32). The caller renames it
+    into place with the manifest update (`format.update_manifest(with_file=...)`)."""
     partial = file.with_name(file.stem + ".partial.safetensors")
     try:
         mx.save_safetensors(str(partial), tensors, metadata={
             "format": "mlx-flash predictors", "version": str(PREDICTORS_VERSION)})
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(partial, file)
-    finally:
+            crc = zlib.crc32(f.read())
+    except (RuntimeError, OSError) as e:  # MLX reports a failed write as a RuntimeError
         partial.unlink(missing_ok=True)
+        raise FlashError(f"{file.parent}: cannot write {file.name} ({str(e).strip()}); is the "
+                         "disk full? The model dir is unchanged") from None
+    return partial, crc

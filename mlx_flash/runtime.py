@@ -295,7 +295,7 @@ def load(
     budget = plan_budget(manifest, config, memory, max_context)
     if mode == "dense" or (mode == "auto" and budget.fits_dense):
         model, tokenizer = load_dense(path)
-        model.flash = FlashState("dense", budget)
+        model.flash = FlashState("dense", budget, max_context=max_context)
         return model, tokenizer
     if mode in ("auto", "predicted"):
         from .predictor import PREDICTORS_FILE, load_predictors
@@ -337,7 +337,7 @@ def load(
     # memory limit (Linux charges page cache to it).
     platform.evict_from_page_cache(manifest.resident_path)
     model.eval()
-    model.flash = FlashState(mode, budget, rt, capacity)
+    model.flash = FlashState(mode, budget, rt, capacity, max_context)
     return model, load_tokenizer(path)
 
 

@@ -76,21 +76,17 @@ class FlashStats:
 class FlashState:
     """How a model was loaded: `mode`, the memory `budget` (flash dirs only), the `runtime`
     streaming its FFNs (None when every weight is in memory) and `capacity`, the neuron-cache
-    rows per layer it holds."""
+    rows per layer it holds, `max_context` the tokens of context it was loaded for."""
 
     mode: str = "dense"
     budget: Budget | None = None
     runtime: FlashRuntime | None = None
     capacity: int | None = None
+    max_context: int | None = None  # tokens the KV cache may hold (None: the model's limit)
 
     @property
     def streaming(self) -> bool:
         return self.runtime is not None
-
-    @property
-    def max_context(self) -> int | None:
-        """Tokens of KV cache the budget reserves (None without a budget)."""
-        return self.budget.max_context if self.budget is not None else None
 
     def counters(self) -> FlashStats | None:
         """A snapshot of the counters (None when nothing streams), for `stats(since=...)`."""

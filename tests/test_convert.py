@@ -96,9 +96,11 @@ def test_round_trip_is_bit_identical(tmp_path, name, dtype):
         assert np.array_equal(bits(got), bits(ref.astype(got.dtype))), key
 
 
-def test_default_alignment_layout_and_info(tmp_path):
+def test_16k_alignment_layout_and_info(tmp_path):
+    """The Apple SSD page as alignment (the default picks the smallest that holds a neuron:
+    tests/test_new_user.py)."""
     src = fixture_path("opt-fixture")
-    out = convert(str(src), out=tmp_path / "flash", progress=False)
+    out = convert(str(src), out=tmp_path / "flash", align=16384, progress=False)
     m = fmt.read_manifest(out)
     assert (m.alignment, m.record_bytes, m.dtype) == (16384, 16384, "float16")
     assert m.ffn_bytes == 16384 + 6 * 1536 * 16384 == (out / "ffn.bundles").stat().st_size

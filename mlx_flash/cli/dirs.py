@@ -1,0 +1,102 @@
+"""Commands that make or describe a flash dir: convert, info, verify, calibrate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import FlashError
+from ..units import format_bytes
+from . import app
+from .options import JsonOpt, friendly
+
+
+@app.command()
+@friendly
+def convert(
+    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir or Hub repo id (owner/name).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output dir. Default models/<name>-flash.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float16, bfloat16 or float32. Default: as stored.")] = None,
+    align: Annotated[int | None, typer.Option("--align", help="Record alignment in bytes, a power of two from 4096 (16384 = the Apple SSD page). Default: the smallest that holds a neuron, at most 16384.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing flash dir.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Convert a checkpoint (local HF dir or Hub repo id) into a flash model dir (bundled FFN neurons)."""
+    from .. import format as fmt
+    from ..convert import convert as run
+
+    path = run(source, out=out, dtype=dtype, align=align, force=force, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(fmt.info(path)))
+    else:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def info(
+    path: Annotated[Path, typer.Argument(help="A flash model dir.")],
+    as_json: JsonOpt = False,
+):
+    """Describe a flash model dir: architecture, dims, dtype, sizes, alignment, format version."""
+    from .. import format as fmt
+
+    data = fmt.info(path)
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    width = max(len(k) for k in data)
+    for k, v in data.items():
+        if isinstance(v, int) and k.endswith("bytes") and v >= 2**20:
+            v = f"{v} ({format_bytes(v)})"
+        typer.echo(f"{k:<{width}}  {v}")
+
+
+@app.command()
+@friendly
+def verify(
+    path: Annotated[Path, typer.Argument(help="A flash model dir.")],
+    as_json: JsonOpt = False,
+):
+    """Check every byte of a flash dir against the checksums written with it."""
+    from ..verify import verify as run
+
+    report = run(path, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(f"ok: {report['parts']} parts, {format_bytes(report['bytes'])} checked in "
+                   f"{report['seconds']} s")
+
+
+@app.command()
+@friendly
+def calibrate(
+    path: Annotated[Path, typer.Argument(help="A flash model dir (from `mlx-flash convert`).")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration text file (training-like text).")],
+    tokens: Annotated[int, typer.Option("--tokens", min=512, help="Calibration tokens.")] = 200_000,
+    rank: Annotated[int | None, typer.Option("--rank", min=1, help="One predictor rank for every layer.")] = None,
+    ranks: Annotated[str | None, typer.Option("--ranks", help="Per-layer ranks: comma list, one per layer.")] = None,
+    target_recall: Annotated[float, typer.Option("--target-recall", "--recall", min=0.5, max=1.0, help="Recall the thresholds aim at on held-out tokens.")] = 0.95,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", min=0.0, max=0.99, help="Non-ReLU models: fraction of |act(gate)*up| treated as inactive (default 0.5).")] = None,
+    as_json: JsonOpt = False,
+):
+    """Train the low-rank activation predictors of a flash dir, layer by layer."""
+    from ..calibrate import calibrate as run
+
+    if rank is not None and ranks is not None:
+        raise FlashError("give --rank or --ranks, not both")
+    report = run(path, data, tokens=tokens, ranks=rank if rank is not None else ranks,
+                 target_recall=target_recall, sparsity=sparsity, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo("layer  rank  true sparsity  predicted active  recall  precision")
+    for i, row in enumerate(report["layers"]):
+        typer.echo(f"{i:>5}  {row.get('rank', ''):>4}  {row['true_sparsity']:>13.3f}  "
+                   f"{row['predicted_active_fraction']:>16.3f}  {row['recall']:>6.3f}  "
+                   f"{row['precision']:>9.3f}")
+    typer.echo(f"wrote {Path(path) / 'predictors.safetensors'}")

@@ -1,0 +1,177 @@
+"""What the commands share: option types, option groups, the error wrapper, model loading."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import FlashError
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="A flash dir, an HF checkpoint dir, or a Hub repo id "
+                 "(owner/name: converted once into models/<name>-flash). Default: the embedded "
+                 "demo model."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option("--memory", help="Budget for weights, KV cache, neuron caches and buffers: "
+                 "bytes with a unit (8GB, 512MiB), a fraction of RAM (0.25, 25%) or of the model "
+                 "(50%model). Flash dirs only. Default: half the RAM."),
+]
+ModeOpt = Annotated[
+    str,
+    typer.Option("--mode", help="auto (dense if the budget holds the model, else predicted, or "
+                 "oracle without predictors), dense, naive (the whole FFN read per token), "
+                 "hybrid (the budget's share of each layer resident, the rest read per token), "
+                 "oracle (the exact active neurons: a correctness reference) or predicted."),
+]
+WindowOpt = Annotated[
+    int | None,
+    typer.Option("--window", min=1, help="Keep the neurons of the last W tokens cached. "
+                 "Default 4."),
+]
+MaxContextOpt = Annotated[
+    int | None,
+    typer.Option("--max-context", min=16, help="Tokens of context (prompt and reply) the KV "
+                 "cache holds; a flash dir's budget reserves it. Default: the model's limit, at "
+                 "most 2048."),
+]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise typer.BadParameter("must be > 0 (1 is no penalty)")
+    return value
+
+
+def load_options(model: ModelOpt = None, memory: MemoryOpt = None, mode: ModeOpt = "auto",
+                 window: WindowOpt = None, max_context: MaxContextOpt = None):
+    """The options that say which model to load and how (a group: see `options`)."""
+
+
+def sampling_options(
+    max_tokens: MaxTokensOpt = 100,
+    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this probability mass (0 or 1: off).")] = 0.0,
+    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty", callback=_positive, help="Penalize tokens of the last 20 (> 1 discourages repeats). Default: none.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (not printed); repeat for several.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")] = None,
+):
+    """The options of sampling a reply (a group: see `options`)."""
+
+
+def options(*groups, drop: tuple[str, ...] = (), **defaults):
+    """Give a command the options of `groups` after its own: they arrive in its `**kwargs`.
+    `drop` leaves some out; `defaults` changes a group option's default for this command."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        shared = [p.replace(default=defaults.get(p.name, p.default))
+                  for g in groups for p in inspect.signature(g, eval_str=True).parameters.values()
+                  if p.name not in drop]
+        fn.__signature__ = sig.replace(parameters=own + shared)
+        return fn
+
+    return decorate
+
+
+def pick(kwargs: dict, group) -> dict:
+    """The entries of `kwargs` that are options of `group`."""
+    names = inspect.signature(group).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def friendly(fn):
+    """Known errors become one line on stderr and exit 1 (traceback with MLX_FLASH_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FlashError, OSError) as e:
+            if os.environ.get("MLX_FLASH_DEBUG") == "1":
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def say(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def model_path(model: str | None, progress: bool = True) -> Path:
+    """The model dir for `--model`: the demo model, a local dir, or a Hub repo id converted once
+    into `models/<name>-flash` (reused when it is there)."""
+    from ..generation import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    from .. import hub
+    from ..convert import convert, default_out
+
+    if not hub.is_repo_id(model):
+        raise FlashError(f"{model}: no such directory (and not a Hub repo id like owner/name)")
+    out = default_out(model)
+    if not (out / "manifest.json").is_file():
+        say(f"converting {model} into {out} (once)")
+        convert(model, out=out, progress=progress)
+    return out
+
+
+def load_model(model: str | None = None, memory=None, mode: str = "auto", window=None,
+               max_context=None, progress: bool = True):
+    """(model, tokenizer) for the load options, with a note when the budget changes the plan."""
+    from ..api import load
+    from ..state import state_of
+
+    path = model_path(model, progress)
+    m, tok = load(path, memory=memory, mode=mode, window=window, max_context=max_context)
+    loaded = state_of(m)
+    if loaded.mode == "dense" and memory is not None and mode == "auto":
+        say("note: the whole model fits the memory budget; loaded densely")
+    if mode == "dense" and memory is not None and loaded.budget is not None:
+        say("note: --mode dense holds every weight in memory; the --memory budget is not applied")
+    if mode in ("auto", "predicted") and loaded.mode == "oracle":
+        say("note: no predictors in this model dir; the exact oracle picks the neurons "
+            "(run `mlx-flash calibrate`)")
+    return m, tok
+
+
+def read_prompt(prompt: str) -> str:
+    """`--prompt` text, `-` for stdin; refuses text that is not valid UTF-8 or is empty."""
+    import sys
+
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FlashError(f"the prompt on stdin is not UTF-8 text (byte {data[e.start]:#04x} "
+                             f"at offset {e.start})") from None
+    else:
+        try:  # arguments that are not UTF-8 arrive as lone surrogates
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FlashError(f"the prompt is not UTF-8 text (a bad byte at character "
+                             f"{e.start})") from None
+    if not prompt:
+        raise FlashError("the prompt is empty")
+    return prompt
