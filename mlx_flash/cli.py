@@ -71,9 +71,12 @@ def _model_path(model: Path | None) -> Path:
 
 def _load(model: Path | None, memory, mode, window, max_context):
     from .api import load
+    from .memory import budget_note
 
     kwargs = {} if max_context is None else {"max_context": max_context}
     m, tok = load(_model_path(model), memory=memory, mode=mode, window=window, **kwargs)
+    if note := budget_note(getattr(m, "flash_budget", {}).get("total", 0)):
+        typer.echo(note, err=True)
     if getattr(m, "flash_mode", "dense") == "dense" and memory is not None and mode == "auto":
         typer.echo("note: the whole model fits the memory budget; loaded densely", err=True)
     if mode in ("auto", "predicted") and getattr(m, "flash_mode", "") == "oracle":
