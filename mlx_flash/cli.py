@@ -294,12 +294,13 @@ def batch(
     mode: ModeOpt = "auto",
     window: WindowOpt = None,
     max_context: MaxContextOpt = None,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Run again the ids whose record in --out is an error (the new record is appended).")] = False,
     as_json: JsonOpt = False,
 ):
     """Generate for every prompt of a JSONL file with one model load; resumable."""
     from . import batch as batch_lib
 
-    plan = batch_lib.prepare(input, out)
+    plan = batch_lib.prepare(input, out, retry_errors=retry_errors)
     if plan.pending:
         if plan.done:
             typer.echo(f"resuming: {plan.done} of {len(plan.jobs)} already in {out}", err=True)
