@@ -1,9 +1,13 @@
 """Batch generation: one model load, a JSONL file of prompts in, a JSONL file of results out.
 
 Input lines: `{"id": ..., "prompt": ..., <options>}`. Output lines: `{"id", "text", "tokens",
-"stats"}` or `{"id", "error"}` (plus `"line"` when the input line has no usable id). Each output
-line is written whole with one append and flushed, so a run stopped by Ctrl-C or a crash leaves a
-valid file; a rerun skips what it holds and truncates a torn last line, if any.
+"stats"}` or `{"id", "line", "error"}` (`id` is null when the input line has no usable one). Each
+output line is written whole with one append and flushed, so a run stopped by Ctrl-C or a crash
+leaves a valid file; a rerun skips what it holds and truncates a torn last line, if any.
+
+The output is only ever appended to. With `retry_errors` the ids that hold only an error record
+run again and their new record is appended, so an id may have several records: its result record
+(there is at most one) counts, else its last error record.
 """
 
 from __future__ import annotations
@@ -119,16 +123,26 @@ def _key(id_) -> str:
     return json.dumps(id_)
 
 
-def read_done(path: Path) -> tuple[set[str], set[int]]:
-    """(ids, line numbers) the output file already holds. A torn last line is truncated away."""
+@dataclass
+class Held:
+    """What an output file holds: ids with a result, ids with an error record, and the error
+    text of each input line that got an error record."""
+
+    results: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def read_done(path: Path) -> Held:
+    """What the output file already holds. A torn last line is truncated away."""
+    held = Held()
     if not path.exists():
-        return set(), set()
+        return held
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):  # a write cut short by a crash: drop it, the job runs again
         with open(path, "r+b") as f:
             f.truncate(end)
-    ids, lines = set(), set()
     for n, text in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), 1):
         if not text.strip():
             continue
@@ -139,27 +153,37 @@ def read_done(path: Path) -> tuple[set[str], set[int]]:
         if not isinstance(rec, dict) or "id" not in rec:
             raise FlashError(f"{path}: line {n} is not a batch output record; give another --out "
                              "(an existing output is only ever appended to)")
+        if "error" not in rec:
+            held.results.add(_key(rec["id"]))
+            continue
         if "line" in rec:
-            lines.add(rec["line"])
-        else:
-            ids.add(_key(rec["id"]))
-    return ids, lines
+            held.errors[rec["line"]] = rec["error"]
+        if rec["id"] is not None:
+            held.failed.add(_key(rec["id"]))
+    return held
 
 
-def prepare(input: str | Path, out: str | Path) -> Plan:
-    """Read the input and what the output already holds; checked before any model loads."""
+def prepare(input: str | Path, out: str | Path, retry_errors: bool = False) -> Plan:
+    """Read the input and what the output already holds; checked before any model loads.
+
+    `retry_errors`: run again the ids whose only record is an error (a prompt too long, a
+    failed generation, an input line fixed since); a line whose input error is unchanged is
+    not rerun.
+    """
     input, out = Path(input), Path(out)
     if out.exists() and input.exists() and out.resolve() == input.resolve():
         raise FlashError(f"--out {out} is the input file; give another path")
     if not out.parent.is_dir():
         raise FlashError(f"--out {out}: no such directory {out.parent}")
     jobs = read_jobs(input)
-    ids, lines = read_done(out)
+    held = read_done(out)
 
     def done(job: Job) -> bool:
-        if job.line in lines:
+        if job.error is None and _key(job.id) in held.results:
             return True
-        return job.error is None and _key(job.id) in ids
+        if retry_errors:  # the same input error again would only repeat the record
+            return job.error is not None and held.errors.get(job.line) == job.error
+        return job.line in held.errors or (job.error is None and _key(job.id) in held.failed)
 
     pending = [j for j in jobs if not done(j)]
     return Plan(input, out, jobs, len(jobs) - len(pending), pending)
@@ -221,7 +245,7 @@ def run(model, tokenizer, plan: Plan, defaults: dict | None = None, progress: bo
                     raise
                 except Exception as e:  # one prompt's failure must not stop the batch
                     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    record = {"id": job.id, "error": msg}
+                    record = {"id": job.id, "line": job.line, "error": msg}
             writer.write(record)
             summary["written"] += 1
             summary["errors"] += "error" in record

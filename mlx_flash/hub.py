@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import sys
 from pathlib import Path
 
 import huggingface_hub
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import (
     are_progress_bars_disabled,
@@ -24,6 +26,8 @@ except ImportError:
     except ImportError:  # requests era: its errors are OSErrors
         _TransportError = OSError
 NETWORK_ERRORS = (OSError, _TransportError)
+# huggingface_hub >= 2.4 tells a partly downloaded snapshot from a missing one
+_INCOMPLETE = getattr(hf_errors, "IncompleteSnapshotError", ())
 
 # What a conversion needs from a repo: config, weights, tokenizer. Nothing else is downloaded.
 META_PATTERNS = [
@@ -32,6 +36,8 @@ META_PATTERNS = [
 ]
 SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+HUB_TIMEOUT_S = 10  # the one request that asks the Hub for a repo's files
 
 # owner/name, as huggingface_hub's validate_repo_id accepts them
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -69,18 +75,22 @@ def resolve(source: str | Path, progress: bool = True) -> Path:
 
 
 def _download(repo_id: str, progress: bool) -> Path:
+    if hf_constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: the cache only, no request at all
+        return _cached_snapshot(repo_id, "HF_HUB_OFFLINE=1 is set")
+    print(f"fetching {repo_id} from the Hugging Face Hub ...", file=sys.stderr, flush=True)
     was_disabled = are_progress_bars_disabled()
     if not progress:
         disable_progress_bars()
     try:
         try:
-            files = huggingface_hub.HfApi().list_repo_files(repo_id)
+            # One request, no retries (list_repo_files backs off for ~20 s when offline).
+            info = huggingface_hub.HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
         except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
             raise
         except NETWORK_ERRORS:
             # Offline or unreachable: a snapshot already in the local cache still works.
-            return _cached_snapshot(repo_id)
-        patterns = allow_patterns(files)
+            return _cached_snapshot(repo_id, "no network, or the Hub is down")
+        patterns = allow_patterns([s.rfilename for s in info.siblings or []])
         if not patterns:
             raise FlashError(f"{repo_id}: the repo has no *.safetensors or pytorch_model*.bin weights")
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
@@ -101,17 +111,22 @@ def _download(repo_id: str, progress: bool) -> Path:
             enable_progress_bars()
 
 
-def _cached_snapshot(repo_id: str) -> Path:
+def _cached_snapshot(repo_id: str, why: str) -> Path:
     patterns = META_PATTERNS + SAFETENSORS_PATTERNS + BIN_PATTERNS
     try:
         path = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns,
                                                  local_files_only=True)
     except NETWORK_ERRORS as e:
-        raise FlashError(f"{repo_id}: cannot reach the Hugging Face Hub and the repo is not in the "
-                         f"local cache ({_one_line(e)})") from None
+        state = "is incomplete in" if isinstance(e, _INCOMPLETE) else "is not in"
+        raise FlashError(f"cannot reach the Hugging Face Hub and {repo_id} {state} the local cache "
+                         f"({why}); download it once online or pass a local directory") from None
     return Path(path)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an error message, cut at a word boundary past `limit` characters."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."

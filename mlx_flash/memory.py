@@ -10,37 +10,53 @@ from .errors import FlashError
 from .format import Manifest
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 # Prefill and naive mode stream whole layers through one buffer of at most this size.
 STREAM_CHUNK_BYTES = 4 << 20
+_FORMS = "bytes with a unit (8GB, 512MiB, 8B), a fraction of RAM (0.5, 25%) or of the model (50%model)"
 
 
 def parse_memory(spec: str | float | int | None, model_bytes: int) -> int:
-    """Bytes from `8GB`/`512MiB`/`123456`, a RAM fraction (`0.25`, `25%`) or `50%model`."""
+    """Bytes from a `--memory` spec; None means half the RAM.
+
+    `8GB`, `512MiB`, `8B`: bytes (a unit is required); `0.25` or `25%`: a share of RAM, at most
+    all of it; `50%model`: a share of the model, any size. A bare number above 1 is refused.
+    """
     if spec is None:
         spec = "0.5"
     text = str(spec).strip().lower().replace(" ", "")
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)%model", text)
-    if m:
-        return int(float(m.group(1)) / 100 * model_bytes)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", text)
-    if m:
-        return int(float(m.group(1)) / 100 * platform.physical_memory_bytes())
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", text)
-    if m and m.group(2) in _UNITS:
-        value, unit = float(m.group(1)), m.group(2)
-        if unit == "" and ("." in m.group(1) or value <= 1):  # a fraction of RAM
-            if not 0 < value <= 1:
-                raise FlashError(f"--memory {spec}: a fraction of RAM must lie in (0, 1]")
-            return int(value * platform.physical_memory_bytes())
-        return int(value * _UNITS[unit])
-    raise FlashError(
-        f"--memory {spec!r} not understood; use bytes (8GB, 512MiB), a fraction of RAM (0.25) "
-        "or of the model (50%model)"
-    )
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(%model|%|[a-z]*)", text)
+    if not m or m.group(2) not in (*_UNITS, "", "%", "%model"):
+        raise FlashError(f"--memory {spec!r} not understood; use {_FORMS}")
+    number, unit = m.group(1), m.group(2)
+    value = float(number)
+    if unit == "%" and value > 100:
+        raise FlashError(f"--memory {spec}: a share of RAM is at most 100%; for a share of the "
+                         f"model write {number}%model")
+    if unit == "" and value > 1:
+        units = f"{number}B" if value >= 2**20 else f"{number}GB, {number}MiB"
+        raise FlashError(f"--memory {spec}: a bare number is a fraction of RAM, at most 1; add a "
+                         f"unit for bytes ({units}) or write a fraction like 0.5")
+    if unit == "%model":
+        n = int(value / 100 * model_bytes)
+    elif unit in ("%", ""):
+        n = int(value / (100 if unit else 1) * platform.physical_memory_bytes())
+    else:
+        n = int(value * _UNITS[unit])
+    if n < 1:
+        raise FlashError(f"--memory {spec}: the budget must be more than 0 bytes")
+    return n
+
+
+def budget_note(total: int) -> str | None:
+    """A warning line when a budget exceeds physical RAM (allowed: swap may cover it), else None."""
+    ram = platform.physical_memory_bytes()
+    if total <= ram:
+        return None
+    return (f"note: the memory budget {_fmt(total)} is more than this machine's RAM "
+            f"({_fmt(ram)}); expect swapping, or the process killed for memory")
 
 
 def stream_rows(manifest: Manifest) -> int:
@@ -92,10 +108,11 @@ class Budget:
                     + self.num_layers * self.record_bytes)
             raise FlashError(
                 f"memory budget {_fmt(self.total)} is too small: resident weights need "
-                f"{_fmt(self.resident)}, the KV cache for {self.max_context} tokens "
-                f"{_fmt(self.kv_cache)}, read buffers {_fmt(self.buffers)}, predictors "
-                f"{_fmt(self.other)}; give at least "
-                f"{_fmt(need)} (more for a useful neuron cache)"
+                f"{_fmt(self.resident)}, read buffers {_fmt(self.buffers)}, predictors "
+                f"{_fmt(self.other)}, the KV cache {_fmt(self.kv_cache)}; give at least "
+                f"{_fmt(need)} to --memory (more for a useful neuron cache), or lower "
+                f"--max-context (the KV cache for {self.max_context} tokens takes "
+                f"{_fmt(self.kv_cache)})"
             )
 
     def as_dict(self, mode: str) -> dict:

@@ -61,10 +61,68 @@ def test_bad_lines_are_recorded_and_the_batch_goes_on(tmp_path, dense):
     assert "duplicate id 'a' (first on line 1)" in errors[8]
     assert recs[8]["id"] == 7 and "called" not in recs[8]["text"]
     assert recs[8]["stats"]["finish_reason"] == "stop"
-    assert recs[9] == {"id": "long", "error": recs[9]["error"]} and "context" in recs[9]["error"]
+    # Every error record names its input line, a prompt too long for the context included.
+    assert recs[9] == {"id": "long", "line": 10, "error": recs[9]["error"]}
+    assert "context" in recs[9]["error"]
     # A rerun has nothing left to do.
     plan = batch.prepare(inp, out)
     assert plan.pending == [] and plan.done == 10
+
+
+def test_retry_errors_reruns_failed_ids_and_only_appends(tmp_path, dense, monkeypatch):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [
+        {"id": "a", "prompt": "The open() function", "max_tokens": 4},
+        {"id": "b", "prompt": "The fork() call", "max_tokens": 4},
+        {"id": "c", "prompt": "x", "max_tokns": 3},
+        "{not json",
+    ])
+    real = batch.generate
+
+    def flaky(model, tokenizer, prompt, **kw):
+        if prompt == "The fork() call":
+            raise RuntimeError("out of memory on the GPU")  # a transient failure
+        return real(model, tokenizer, prompt, **kw)
+
+    monkeypatch.setattr(batch, "generate", flaky)
+    batch.run(*dense, batch.prepare(inp, out), progress=False)
+    monkeypatch.setattr(batch, "generate", real)
+    first = out.read_bytes()
+    recs = records(out)
+    assert recs[1] == {"id": "b", "line": 2, "error": "out of memory on the GPU"}
+    assert [r.get("line") for r in recs] == [None, 2, 3, 4]
+    assert batch.prepare(inp, out).pending == []  # without the option errors are final
+
+    rows = inp.read_text().splitlines()
+    rows[2] = json.dumps({"id": "c", "prompt": "x", "max_tokens": 3})  # the user fixes line 3
+    write_jsonl(inp, rows)
+    assert batch.prepare(inp, out).pending == []
+    plan = batch.prepare(inp, out, retry_errors=True)
+    assert [j.id for j in plan.pending] == ["b", "c"] and plan.done == 2  # not the bad JSON
+    summary = batch.run(*dense, plan, progress=False)
+    assert summary["written"] == 2 and summary["errors"] == 0
+    assert out.read_bytes().startswith(first)  # appended to, never rewritten
+    final = {}
+    for r in records(out):  # how a reader reads it: a result record counts, else the last error
+        if "text" not in final.get(r["id"], {}):
+            final[r["id"]] = r
+    assert [i for i, r in final.items() if "text" in r] == ["a", "b", "c"]
+    assert final["b"]["tokens"] == generate(*dense, "The fork() call", max_tokens=4)["tokens"]
+    assert batch.prepare(inp, out, retry_errors=True).pending == []
+
+
+def test_cli_retry_errors(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": "a", "prompt": "The open() function"}])
+    out.write_text(json.dumps({"id": "a", "line": 1, "error": "interrupted"}) + "\n")
+    proc = subprocess.run(cmd(inp, out), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr
+    proc = subprocess.run(cmd(inp, out) + ["--retry-errors", "--json"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["written"] == 1
+    recs = records(out)
+    assert len(recs) == 2 and recs[0]["error"] == "interrupted" and len(recs[1]["tokens"]) == 16
 
 
 def test_a_torn_last_line_is_dropped_and_redone(tmp_path, dense):

@@ -13,6 +13,7 @@ import huggingface_hub
 import mlx.core as mx
 import numpy as np
 import pytest
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
 from mlx_flash import convert as convert_mod
@@ -208,11 +209,15 @@ def _hf_error(cls, status=404):
         status, request=request))
 
 
+def _model_info(files):
+    return huggingface_hub.ModelInfo(id="x/y", siblings=[{"rfilename": f} for f in files])
+
+
 def test_hub_missing_repo_is_one_line(monkeypatch, tmp_path):
-    def list_files(self, repo_id, **kw):
+    def model_info(self, repo_id, **kw):
         raise _hf_error(hf_errors.RepositoryNotFoundError)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_files)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     with pytest.raises(FlashError) as e:
         hub.resolve("nobody/nothing-here", progress=False)
     assert "no such repo on the Hugging Face Hub" in str(e.value) and "\n" not in str(e.value)
@@ -226,7 +231,7 @@ def test_hub_gated_and_offline(monkeypatch):
     def gated(self, repo_id, **kw):
         raise _hf_error(hf_errors.GatedRepoError, 403)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", gated)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", gated)
     with pytest.raises(FlashError, match="gated repo.*HF_TOKEN"):
         hub.resolve("meta-llama/Llama-2-7b-hf", progress=False)
 
@@ -237,7 +242,7 @@ def test_hub_gated_and_offline(monkeypatch):
         assert kw["local_files_only"] is True
         raise hf_errors.LocalEntryNotFoundError("no snapshot in the cache")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
     with pytest.raises(FlashError, match="cannot reach the Hugging Face Hub") as e:
         hub.resolve("facebook/opt-1.3b", progress=False)
@@ -248,15 +253,15 @@ def test_hub_downloads_only_needed_files_and_converts(monkeypatch, tmp_path):
     snapshot = make_checkpoint(tmp_path / "snap")
     calls = []
 
-    def list_files(self, repo_id, **kw):
-        return ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json",
-                "README.md", "flax_model.msgpack", "tf_model.h5"]
+    def model_info(self, repo_id, **kw):
+        return _model_info(["config.json", "model.safetensors", "pytorch_model.bin",
+                            "tokenizer.json", "README.md", "flax_model.msgpack", "tf_model.h5"])
 
     def download(repo_id, **kw):
         calls.append((repo_id, kw))
         return str(snapshot)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_files)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     monkeypatch.chdir(tmp_path)
     out = convert("facebook/opt-fake", align=4096, progress=False)
@@ -267,6 +272,66 @@ def test_hub_downloads_only_needed_files_and_converts(monkeypatch, tmp_path):
     assert not any("bin" in p or "msgpack" in p or "h5" in p or "README" in p for p in patterns)
     assert "pytorch_model*.bin" in hub.allow_patterns(["config.json", "pytorch_model.bin"])
     assert hub.allow_patterns(["config.json", "README.md"]) == []
+
+
+def _no_network(monkeypatch, tmp_path, capsys):
+    """The real huggingface_hub over a network that is down: every request fails at once.
+
+    Returns (requests for the repo, each with the stderr printed before it; retry sleeps).
+    """
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    attempts, sleeps, err = [], [], []
+
+    def down(self, request):
+        err.append(capsys.readouterr().err)
+        if "/opt-1.3b" in str(request.url):  # not huggingface_hub's own side requests
+            attempts.append("".join(err))
+        raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+
+    monkeypatch.setattr(httpx2.HTTPTransport, "handle_request", down)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    return attempts, sleeps
+
+
+def test_hub_unreachable_fails_fast_with_a_whole_line(monkeypatch, tmp_path, capsys):
+    attempts, sleeps = _no_network(monkeypatch, tmp_path, capsys)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(FlashError) as e:
+        hub.resolve("facebook/opt-1.3b", progress=False)
+    msg = str(e.value)
+    assert len(attempts) == 1 and sleeps == []  # one request, no back-off
+    assert "fetching facebook/opt-1.3b from the Hugging Face Hub" in attempts[0]  # said first
+    assert msg == ("cannot reach the Hugging Face Hub and facebook/opt-1.3b is not in the local "
+                   "cache (no network, or the Hub is down); download it once online or pass a "
+                   "local directory")
+
+
+def test_hub_offline_mode_reads_only_the_cache(monkeypatch, tmp_path, capsys):
+    attempts, _ = _no_network(monkeypatch, tmp_path, capsys)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FlashError, match=r"and facebook/opt-1\.3b is not in the local cache "
+                       r"\(HF_HUB_OFFLINE=1 is set\); download it once online or pass a local "
+                       r"directory$"):
+        hub.resolve("facebook/opt-1.3b", progress=False)
+    assert attempts == [] and "fetching" not in capsys.readouterr().err
+
+
+def test_hub_offline_cli_is_one_line_and_writes_nothing(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "mlx_flash.cli", "convert", "facebook/opt-1.3b"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot reach the Hugging Face Hub and facebook/opt-1.3b is not in the local cache "
+        "(HF_HUB_OFFLINE=1 is set); download it once online or pass a local directory"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_one_line_cuts_long_messages_at_a_word():
+    long = "To enable repo look-ups and downloads online, pass 'local_files_only=False' " * 5
+    text = hub._one_line(OSError(long + "\nsecond line"))
+    assert len(text) <= 204 and text.endswith(" downloads online ...")  # no cut word
 
 
 def test_hub_rejects_non_paths():

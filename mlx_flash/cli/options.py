@@ -22,8 +22,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for
 MemoryOpt = Annotated[
     str | None,
     typer.Option("--memory", help="Budget for weights, KV cache, neuron caches and buffers: "
-                 "bytes with a unit (8GB, 512MiB), a fraction of RAM (0.25, 25%) or of the model "
-                 "(50%model). Flash dirs only. Default: half the RAM."),
+                 "bytes with a unit (8GB, 512MiB, 100B), a fraction of RAM (0.25 or 25%) or of "
+                 "the model (50%model). Flash dirs only. Default: half the RAM."),
 ]
 ModeOpt = Annotated[
     str,
@@ -140,11 +140,14 @@ def load_model(model: str | None = None, memory=None, mode: str = "auto", window
                max_context=None, progress: bool = True):
     """(model, tokenizer) for the load options, with a note when the budget changes the plan."""
     from ..api import load
+    from ..memory import budget_note
     from ..state import state_of
 
     path = model_path(model, progress)
     m, tok = load(path, memory=memory, mode=mode, window=window, max_context=max_context)
     loaded = state_of(m)
+    if loaded.budget is not None and (note := budget_note(loaded.budget.total)):
+        say(note)
     if loaded.mode == "dense" and memory is not None and mode == "auto":
         say("note: the whole model fits the memory budget; loaded densely")
     if mode == "dense" and memory is not None and loaded.budget is not None:

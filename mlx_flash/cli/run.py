@@ -81,13 +81,14 @@ def batch(
     input: Annotated[Path, typer.Argument(help="JSONL file: one {\"id\", \"prompt\", options...} per line.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL results; a rerun skips the ids it holds.")],
     raw: RawOpt = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Run again the ids whose record in --out is an error (the new record is appended).")] = False,
     as_json: JsonOpt = False,
     **kwargs,
 ):
     """Generate for every prompt of a JSONL file with one model load; resumable."""
     from .. import batch as batch_lib
 
-    plan = batch_lib.prepare(input, out)
+    plan = batch_lib.prepare(input, out, retry_errors=retry_errors)
     if plan.pending:
         if plan.done:
             say(f"resuming: {plan.done} of {len(plan.jobs)} already in {out}")
