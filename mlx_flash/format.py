@@ -270,15 +270,19 @@ def _check_tensor_list(raw: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+def _check_size(path: Path, file: str, field: str, want: int) -> None:
+    """`path` exists and holds the `want` bytes that manifest.json's `field` says."""
+    if not path.is_file():
+        raise _fail(file, "-", f"missing in {path.parent}")
+    size = path.stat().st_size
+    if size != want:
+        what = "truncated" if size < want else "too long"
+        raise _fail(file, "size", f"{what}: {size} bytes, manifest.json {field} says {want}")
+
+
 def _check_ffn_file(m: Manifest) -> None:
     path = m.ffn_path
-    if not path.is_file():
-        raise _fail(FFN_FILE, "-", f"missing in {m.path}")
-    size = path.stat().st_size
-    if size != m.ffn_bytes:
-        what = "truncated" if size < m.ffn_bytes else "too long"
-        raise _fail(FFN_FILE, "size", f"{what}: {size} bytes, manifest.json ffn_file.bytes says "
-                    f"{m.ffn_bytes}")
+    _check_size(path, FFN_FILE, "ffn_file.bytes", m.ffn_bytes)
     with open(path, "rb") as f:
         raw = f.read(HEADER_LENGTH)
     if raw[:8] != MAGIC:
@@ -306,12 +310,7 @@ def read_safetensors_header(path: Path, file: str) -> tuple[dict[str, Any], int]
 
 def _check_resident_file(m: Manifest) -> None:
     path = m.resident_path
-    if not path.is_file():
-        raise _fail(RESIDENT_FILE, "-", f"missing in {m.path}")
-    size = path.stat().st_size
-    if size != m.resident_bytes:
-        raise _fail(RESIDENT_FILE, "size", f"{size} bytes, manifest.json resident_file.bytes says "
-                    f"{m.resident_bytes}")
+    _check_size(path, RESIDENT_FILE, "resident_file.bytes", m.resident_bytes)
     header, _ = read_safetensors_header(path, RESIDENT_FILE)
     for name, (dtype, shape) in m.resident_tensors.items():
         if name not in header:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from . import platform
 from .errors import FlashError
 from .format import Manifest
+from .units import format_bytes
 
 _UNITS = {
     "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -55,8 +56,8 @@ def budget_note(total: int) -> str | None:
     ram = platform.physical_memory_bytes()
     if total <= ram:
         return None
-    return (f"note: the memory budget {_fmt(total)} is more than this machine's RAM "
-            f"({_fmt(ram)}); expect swapping, or the process killed for memory")
+    return (f"note: the memory budget {format_bytes(total)} is more than this machine's RAM "
+            f"({format_bytes(ram)}); expect swapping, or the process killed for memory")
 
 
 def stream_rows(manifest: Manifest) -> int:
@@ -107,12 +108,12 @@ class Budget:
             need = (self.resident + self.kv_cache + self.buffers + self.other
                     + self.num_layers * self.record_bytes)
             raise FlashError(
-                f"memory budget {_fmt(self.total)} is too small: resident weights need "
-                f"{_fmt(self.resident)}, read buffers {_fmt(self.buffers)}, predictors "
-                f"{_fmt(self.other)}, the KV cache {_fmt(self.kv_cache)}; give at least "
-                f"{_fmt(need)} to --memory (more for a useful neuron cache), or lower "
+                f"memory budget {format_bytes(self.total)} is too small: resident weights need "
+                f"{format_bytes(self.resident)}, read buffers {format_bytes(self.buffers)}, predictors "
+                f"{format_bytes(self.other)}, the KV cache {format_bytes(self.kv_cache)}; give at least "
+                f"{format_bytes(need)} to --memory (more for a useful neuron cache), or lower "
                 f"--max-context (the KV cache for {self.max_context} tokens takes "
-                f"{_fmt(self.kv_cache)})"
+                f"{format_bytes(self.kv_cache)})"
             )
 
     def as_dict(self, mode: str) -> dict:
@@ -120,10 +121,6 @@ class Budget:
         out.update(mode=mode, capacity=self.capacity, neuron_cache=self.neuron_cache,
                    capacity_fraction=round(self.capacity / self.ffn_dim, 4))
         return out
-
-
-def _fmt(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def plan_budget(manifest: Manifest, config: dict, memory, max_context: int) -> Budget:

@@ -35,41 +35,33 @@ def convert(
         typer.echo(f"wrote {path}")
 
 
+FlashDirArg = Annotated[Path, typer.Argument(help="A flash model dir.")]
+
+
 @app.command()
 @friendly
-def info(
-    path: Annotated[Path, typer.Argument(help="A flash model dir.")],
-    as_json: JsonOpt = False,
-):
-    """Describe a flash model dir: architecture, dims, dtype, sizes, alignment, format version."""
+def info(path: FlashDirArg, as_json: JsonOpt = False):
+    """Describe a flash model dir: architecture, dims, dtype, sizes and padding, alignment,
+    format version, whether it is calibrated and when it was last verified."""
     from .. import format as fmt
 
     data = fmt.info(path)
-    if as_json:
-        typer.echo(json.dumps(data))
-        return
     width = max(len(k) for k in data)
-    for k, v in data.items():
-        if isinstance(v, int) and k.endswith("bytes") and v >= 2**20:
-            v = f"{v} ({format_bytes(v)})"
-        typer.echo(f"{k:<{width}}  {v}")
+    lines = [f"{k:<{width}}  " + (f"{v} ({format_bytes(v)})" if isinstance(v, int)
+                                  and k.endswith("bytes") and v >= 2**20 else f"{v}")
+             for k, v in data.items()]
+    typer.echo(json.dumps(data) if as_json else "\n".join(lines))
 
 
 @app.command()
 @friendly
-def verify(
-    path: Annotated[Path, typer.Argument(help="A flash model dir.")],
-    as_json: JsonOpt = False,
-):
+def verify(path: FlashDirArg, as_json: JsonOpt = False):
     """Check every byte of a flash dir against the checksums written with it."""
     from ..verify import verify as run
 
-    report = run(path, progress=not as_json)
-    if as_json:
-        typer.echo(json.dumps(report))
-    else:
-        typer.echo(f"ok: {report['parts']} parts, {format_bytes(report['bytes'])} checked in "
-                   f"{report['seconds']} s")
+    r = run(path, progress=not as_json)
+    typer.echo(json.dumps(r) if as_json else f"ok: {r['parts']} parts, "
+               f"{format_bytes(r['bytes'])} checked in {r['seconds']} s")
 
 
 @app.command()
