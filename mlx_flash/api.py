@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import platform
 from .errors import FlashError
 from .format import is_flash_dir
 from .loader import load_dense
@@ -25,6 +26,13 @@ def load(
     caps its context.
     """
     path = Path(path)
+    base = platform.current_rss_bytes()
+    model, tokenizer = _load(path, memory, mode, window, max_context, **kwargs)
+    model.flash.base_rss_bytes = base
+    return model, tokenizer
+
+
+def _load(path: Path, memory, mode, window, max_context, **kwargs):
     if is_flash_dir(path):
         from . import runtime
 

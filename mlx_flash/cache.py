@@ -3,6 +3,10 @@
 One preallocated (capacity, record_bytes) matrix; the used rows are always rows [0:num_used], so
 the FFN is one dense matmul over them with no gather. Inserting appends at `num_used`; deleting
 moves the last used rows into the holes. Nothing is ever reallocated.
+
+With `parts` (byte spans of the record), the cache keeps only those spans, each in a matrix of
+its own: (capacity, span) per part, no padding, so the FFN multiplies exactly the payload. Reads
+then land in a staging buffer first and the spans are copied out (a memcpy per missing record).
 """
 
 from __future__ import annotations
@@ -39,15 +43,27 @@ class NeuronCache:
     """
 
     def __init__(
-        self, capacity: int, record_bytes: int, n_neurons: int, alignment: int | None = None
+        self, capacity: int, record_bytes: int, n_neurons: int, alignment: int | None = None,
+        parts: list[tuple[int, int]] | None = None, staging: np.ndarray | None = None,
     ):
         if capacity < 1 or n_neurons < 1:
             raise ValueError(f"capacity={capacity} and n_neurons={n_neurons} must be >= 1")
         self.capacity = capacity
         self.record_bytes = record_bytes
         self.n_neurons = n_neurons
-        # (capacity, record_bytes) uint8; MLX array and numpy view share memory.
-        self.storage, self._rows = aligned_empty(capacity, record_bytes, alignment)
+        self.parts = parts
+        if parts is None:
+            # (capacity, record_bytes) uint8; MLX array and numpy view share memory.
+            self.storage, self._rows = aligned_empty(capacity, record_bytes, alignment)
+            self._matrices = [self._rows]
+        else:
+            if staging is None or staging.ndim != 2 or staging.shape[1] != record_bytes:
+                raise ValueError("a cache of record parts needs a (rows, record_bytes) staging "
+                                 "buffer for its reads")
+            self._staging = staging
+            held = [aligned_empty(capacity, hi - lo, alignment) for lo, hi in parts]
+            self.part_storage = [arr for arr, _ in held]  # (capacity, span) uint8 each
+            self._matrices = [view for _, view in held]
         self.pointer = np.full(capacity, -1, dtype=np.int64)
         self.last_k_active = np.full(capacity, -1, dtype=np.int64)
         self.row_of = np.full(n_neurons, -1, dtype=np.int64)
@@ -55,9 +71,18 @@ class NeuronCache:
 
     # -- views ---------------------------------------------------------------------------------
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one cached neuron takes."""
+        return sum(m.shape[1] for m in self._matrices)
+
     def weights(self, dtype: mx.Dtype = mx.uint8) -> mx.array:
         """The used rows as an MLX array of `dtype`: shape (num_used, record_bytes // itemsize)."""
         return self.storage[: self.num_used].view(dtype)
+
+    def part_weights(self, dtype: mx.Dtype = mx.uint8) -> list[mx.array]:
+        """Per record part, its used rows as an MLX array of `dtype` (num_used, span // itemsize)."""
+        return [s[: self.num_used].view(dtype) for s in self.part_storage]
 
     def ids(self) -> np.ndarray:
         """Neuron id of each used row (a view: copy it before the next mutation if kept)."""
@@ -96,7 +121,7 @@ class NeuronCache:
         if m:
             start, end = self.num_used, self.num_used + m
             # Bookkeeping only after a successful read: a failed read leaves the cache consistent.
-            reader.read(layer_offset, missing, self._rows[start:end])
+            self._read(reader, layer_offset, missing, start)
             self.pointer[start:end] = missing
             self.last_k_active[start:end] = step
             self.row_of[missing] = np.arange(start, end)
@@ -119,6 +144,19 @@ class NeuronCache:
         self.num_used = 0
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _read(self, reader: FlashReader, layer_offset: int, ids: np.ndarray, start: int) -> None:
+        """Records `ids` into rows start.. (straight in, or through the staging buffer)."""
+        if self.parts is None:
+            reader.read(layer_offset, ids, self._rows[start : start + len(ids)])
+            return
+        stage = self._staging
+        for a in range(0, len(ids), len(stage)):
+            chunk = ids[a : a + len(stage)]
+            reader.read(layer_offset, chunk, stage[: len(chunk)])
+            rows = slice(start + a, start + a + len(chunk))
+            for (lo, hi), matrix in zip(self.parts, self._matrices):
+                matrix[rows] = stage[: len(chunk), lo:hi]
 
     def _make_room(self, need: int, step: int) -> int:
         """Delete the `need` least recently active rows that are not active at `step`."""
@@ -149,7 +187,8 @@ class NeuronCache:
         dst = np.flatnonzero(doomed[:new_n])  # holes that stay inside the used range
         src = new_n + np.flatnonzero(~doomed[new_n:])  # kept rows past the new end
         if len(dst):
-            self._rows[dst] = self._rows[src]  # (len(dst), record_bytes) row copies
+            for matrix in self._matrices:
+                matrix[dst] = matrix[src]  # (len(dst), row) copies
             self.pointer[dst] = self.pointer[src]
             self.last_k_active[dst] = self.last_k_active[src]
             self.row_of[self.pointer[dst]] = dst

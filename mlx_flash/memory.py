@@ -84,7 +84,7 @@ class Budget:
     kv_cache: int
     buffers: int
     dense_ffn: int
-    record_bytes: int
+    neuron_bytes: int  # what one cached neuron takes: its record's payload (no padding)
     num_layers: int
     ffn_dim: int
     max_context: int
@@ -97,16 +97,16 @@ class Budget:
     @property
     def capacity(self) -> int:
         free = self.total - self.resident - self.kv_cache - self.buffers - self.other
-        return max(0, min(self.ffn_dim, free // (self.num_layers * self.record_bytes)))
+        return max(0, min(self.ffn_dim, free // (self.num_layers * self.neuron_bytes)))
 
     @property
     def neuron_cache(self) -> int:
-        return self.capacity * self.num_layers * self.record_bytes
+        return self.capacity * self.num_layers * self.neuron_bytes
 
     def require_flash(self) -> None:
         if self.capacity < 1:
             need = (self.resident + self.kv_cache + self.buffers + self.other
-                    + self.num_layers * self.record_bytes)
+                    + self.num_layers * self.neuron_bytes)
             raise FlashError(
                 f"memory budget {format_bytes(self.total)} is too small: resident weights need "
                 f"{format_bytes(self.resident)}, read buffers {format_bytes(self.buffers)}, predictors "
@@ -130,6 +130,6 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int) -> B
     return Budget(
         total=parse_memory(memory, model), model=model, resident=manifest.resident_bytes,
         kv_cache=_kv_bytes(config, manifest, max_context), buffers=buffers,
-        dense_ffn=dense_ffn, record_bytes=manifest.record_bytes,
+        dense_ffn=dense_ffn, neuron_bytes=manifest.payload_bytes,
         num_layers=manifest.num_layers, ffn_dim=manifest.ffn_dim, max_context=max_context,
     )

@@ -119,6 +119,14 @@ def load_profile(for_path: str | Path, file: str | Path | None = None) -> Profil
     return None if entry is None else Profile.from_dict(entry)
 
 
+def profile_used(path: str | Path) -> str | None:
+    """The profile file whose entry the reader of `path` follows, None when it has none."""
+    try:
+        return str(profile_file()) if load_profile(path) is not None else None
+    except (FlashError, OSError):
+        return None
+
+
 def reader_settings(path: str | Path, record_bytes: int) -> tuple[int, int]:
     """(threads, max_request_bytes) for reading `path`: from its volume's profile, else
     (16, 1 MiB). A broken profile file is ignored here (the runtime must not fail on it)."""

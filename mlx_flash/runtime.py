@@ -23,7 +23,7 @@ from .errors import FlashError
 from .format import Manifest, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer
 from .memory import Budget, plan_budget, stream_rows
-from .profiles import reader_settings
+from .profiles import profile_used, reader_settings
 from .state import FlashState, FlashStats
 from .storage import FlashReader, ReadStats, aligned_empty
 
@@ -82,7 +82,10 @@ class FlashMLP(nn.Module):
         m = rt.manifest
         self._rt, self.layer = rt, layer
         self.offset = m.layer_offset(layer)
-        self.cache = NeuronCache(capacity, m.record_bytes, m.ffn_dim)
+        # The cache keeps each part's payload in a matrix of its own (no padding to multiply).
+        spans = [(p.offset * m.itemsize, (p.offset + p.length) * m.itemsize) for p in m.parts]
+        self.cache = NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans,
+                                 staging=rt.chunk_np)
         self._biases = _Biases(biases)
         self._oracle = oracle  # (W_in (ffn, d), bias or None): dense activation input, oracle mode
         self.predictor = predictor  # predictor.Predictor (or a stand-in) for predicted mode
@@ -96,24 +99,33 @@ class FlashMLP(nn.Module):
     # -- the FFN over a block of records -------------------------------------------------------
 
     def _ffn(self, x: mx.array, records: mx.array, ids: mx.array | None) -> mx.array:
-        """FFN of x (n_tok, d) over `records` (n, record_values) holding neurons `ids`: the row
-        parts' products (biases added) combined by the architecture's `hidden`, times the
-        column part."""
-        rt, b = self._rt, self._biases.by_module
+        """FFN of x (n_tok, d) over whole `records` (n, record_values) holding neurons `ids`
+        (the stream buffer: prefill, naive, overflow)."""
         width = records.shape[1]
-        rows = {}
-        for name, lo, hi in self._rows:  # x @ W.T for a row part W = records[:, lo:hi] (n, d)
-            # x zero-padded to the record width keeps the product on contiguous records: MLX's
-            # CPU backend copies a strided slice before a matmul, ~10x the product's own cost.
-            z = mx.pad(x, [(0, 0), (lo, width - hi)]) @ records.T
+        # x zero-padded to the record width keeps each row product on contiguous records: MLX's
+        # CPU backend copies a strided slice before a matmul, ~10x the product's own cost.
+        rows = {name: mx.pad(x, [(0, 0), (lo, width - hi)]) @ records.T
+                for name, lo, hi in self._rows}
+        lo, hi = self._column
+        return self._combine(rows, records[:, lo:hi], ids)
+
+    def _ffn_cached(self, x: mx.array) -> mx.array:
+        """FFN of x over the cached neurons: each part's payload is a dense matrix of its own."""
+        *row_parts, column = self.cache.part_weights(self._rt.manifest.mx_dtype)  # (n, d) each
+        rows = {name: x @ w.T for (name, _, _), w in zip(self._rows, row_parts)}
+        return self._combine(rows, column, mx.array(self.cache.ids()))
+
+    def _combine(self, rows: dict, column: mx.array, ids: mx.array | None) -> mx.array:
+        """The row products (n_tok, n) plus their biases, combined by the architecture's
+        `hidden`, times the column part (n, d)."""
+        rt, b = self._rt, self._biases.by_module
+        for name in rows:
             if (bias := b.get(name)) is not None:
-                z = z + (bias if ids is None else bias[ids])
-            rows[name] = z
+                rows[name] = rows[name] + (bias if ids is None else bias[ids])
         h = rt.spec.hidden(rows, rt.act)
-        lo, hi = self._column  # h @ W for the column part W = records[:, lo:hi] (n, d)
         if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
-            return (h.T * records[:, lo:hi]).sum(axis=0, keepdims=True)
-        return h @ records[:, lo:hi]
+            return (h.T * column).sum(axis=0, keepdims=True)
+        return h @ column
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -143,7 +155,7 @@ class FlashMLP(nn.Module):
         rows = rt.chunk.shape[0]
         before = rt.reader.snapshot()
         first = self.cache.num_used if rt.mode == "hybrid" else 0
-        y = self._ffn(x, self.cache.weights(m.mx_dtype), mx.arange(first)) if first else None
+        y = self._ffn_cached(x) if first else None
         for start in range(first, m.ffn_dim, rows):
             n = min(rows, m.ffn_dim - start)
             rt.reader.read_range(m.neuron_offset(self.layer, start), n * m.record_bytes,
@@ -202,8 +214,7 @@ class FlashMLP(nn.Module):
         stats = self.cache.ensure(ids, self._step, rt.reader, self.offset)
         self.cache.slide(self._step, rt.window)
         self._step += 1
-        records = self.cache.weights(rt.manifest.mx_dtype)
-        y = self._ffn(x, records, mx.array(self.cache.ids()))
+        y = self._ffn_cached(x)
         if len(overflow):
             y = y + self._uncached(x, overflow)
         io = rt.reader.delta(before)
@@ -318,11 +329,14 @@ def load(
     resident = dict(mx.load(str(manifest.resident_path)))
     biases = _pop_biases(manifest, resident)
     weights = model.sanitize(resident)
+    profile = profile_used(manifest.ffn_path) if threads is None else None
     if threads is None or max_request_bytes is None:
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
     act = models.flash_spec(manifest.architecture).activation(config)
     rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled)
+    # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
+    rt.reader_profile = profile or "defaults (no probe profile for this volume)"
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
             oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None

@@ -83,6 +83,7 @@ class FlashState:
     runtime: FlashRuntime | None = None
     capacity: int | None = None
     max_context: int | None = None  # tokens the KV cache may hold (None: the model's limit)
+    base_rss_bytes: int | None = None  # the process's RSS before the model loaded
 
     @property
     def streaming(self) -> bool:
@@ -107,6 +108,11 @@ class FlashState:
             out["neuron_cache_rows_per_layer"] = (self.capacity if self.capacity is not None
                                                   else self.budget.capacity)
         out["peak_rss_bytes"] = platform.peak_rss_bytes()
+        if self.base_rss_bytes is not None:  # Python, MLX and the tokenizer's libraries
+            out["base_rss_bytes"] = self.base_rss_bytes
+        if self.runtime is not None:
+            out["reader_threads"] = self.runtime.reader.threads
+            out["reader_profile"] = self.runtime.reader_profile
         return out
 
 
@@ -136,12 +142,15 @@ def stats_line(s: dict, detail: bool = False) -> str:
         if detail:
             parts.append(f"I/O {s['io_ms_per_token']:.1f} ms + cache {s['cache_ms_per_token']:.1f}"
                          f" ms + compute {s['compute_ms_per_token'] or 0:.1f} ms per token")
-        if hit is not None:
-            parts.append(f"cache hits {hit:.0%}")
+        if hit is not None:  # of the active neurons looked up in the cache, not of the bytes
+            parts.append(f"cache hits {hit:.0%} of active neurons")
         elif detail:
             parts.append("no cache")
         if detail and s.get("memory_budget_bytes"):
             parts.append(f"budget {mib(s['memory_budget_bytes'], 1)}")
     if detail:
-        parts.append(f"peak RSS {mib(s['peak_rss_bytes'], 0)}")
+        rss = f"peak RSS {mib(s['peak_rss_bytes'], 0)}"
+        if s.get("base_rss_bytes"):
+            rss += f" ({mib(s['base_rss_bytes'], 0)} of it before the model: Python and libraries)"
+        parts.append(rss)
     return "[" + ", ".join(parts) + "]"

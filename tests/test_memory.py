@@ -55,7 +55,7 @@ def test_a_budget_above_ram_is_allowed_with_a_note():
 
 def test_too_small_names_the_option_that_shrinks_the_kv_cache():
     b = Budget(total=2**20, model=10 * 2**20, resident=2**20, kv_cache=3 * 2**20, buffers=0,
-               dense_ffn=9 * 2**20, record_bytes=1024, num_layers=2, ffn_dim=100, max_context=2048)
+               dense_ffn=9 * 2**20, neuron_bytes=1024, num_layers=2, ffn_dim=100, max_context=2048)
     with pytest.raises(FlashError, match=r"too small: resident weights need .* give at least") as e:
         b.require_flash()
     assert str(e.value).endswith(
