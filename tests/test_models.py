@@ -36,6 +36,8 @@ CASES = {
     "llama3-rope": ("llama", dict(tie_word_embeddings=True, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
         high_freq_factor=4.0, original_max_position_embeddings=32))),
+    "qwen3": ("qwen3", dict(head_dim=32, tie_word_embeddings=True,
+                            rope_parameters=dict(rope_type="default", rope_theta=1e6))),
 }
 
 
