@@ -38,6 +38,8 @@ CASES = {
         high_freq_factor=4.0, original_max_position_embeddings=32))),
     "qwen3": ("qwen3", dict(head_dim=32, tie_word_embeddings=True,
                             rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=False,  # q/k/v biases, randomised
+                            rope_parameters=dict(rope_type="default", rope_theta=5e4))),
 }
 
 
