@@ -40,6 +40,7 @@ CASES = {
                             rope_parameters=dict(rope_type="default", rope_theta=1e6))),
     "qwen2": ("qwen2", dict(tie_word_embeddings=False,  # q/k/v biases, randomised
                             rope_parameters=dict(rope_type="default", rope_theta=5e4))),
+    "mistral": ("mistral", dict(head_dim=32, sliding_window=WINDOW, tie_word_embeddings=False)),
 }
 
 
