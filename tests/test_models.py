@@ -41,6 +41,11 @@ CASES = {
     "qwen2": ("qwen2", dict(tie_word_embeddings=False,  # q/k/v biases, randomised
                             rope_parameters=dict(rope_type="default", rope_theta=5e4))),
     "mistral": ("mistral", dict(head_dim=32, sliding_window=WINDOW, tie_word_embeddings=False)),
+    "gemma3_text": ("gemma3_text", dict(
+        head_dim=32, query_pre_attn_scalar=24, tie_word_embeddings=True, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
+            full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+            sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
 }
 
 
