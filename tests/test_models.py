@@ -46,6 +46,8 @@ CASES = {
         layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
             full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1e6),
             sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
+    "phi3": ("phi3", dict(tie_word_embeddings=False, sliding_window=WINDOW, rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))),  # fused gate_up_proj
 }
 
 
