@@ -48,6 +48,8 @@ CASES = {
             sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
     "phi3": ("phi3", dict(tie_word_embeddings=False, sliding_window=WINDOW, rope_parameters=dict(
         rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))),  # fused gate_up_proj
+    "olmo2": ("olmo2", dict(tie_word_embeddings=True,  # q/k norms, randomised
+                            rope_parameters=dict(rope_type="default", rope_theta=5e5))),
 }
 
 
