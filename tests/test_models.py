@@ -15,11 +15,12 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_flash import format as fmt
+from mlx_flash.calibrate import calibrate
 from mlx_flash.convert import convert
 from mlx_flash.loader import load_model
 from mlx_flash.runtime import load
 
-from .conftest import fixture_path
+from .conftest import CORPUS, fixture_path
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -132,3 +133,12 @@ def test_flash_matches_transformers(flash_dir, case, mode):
     model, _ = load(flash_dir, memory="1GB", mode=mode)
     assert model.flash.mode == mode
     _check(model, case)
+
+
+def test_calibrate_drives_the_blocks(flash_dir, tmp_path):
+    """Calibration runs each type's own blocks (masks, caches, sliding windows) layer by layer."""
+    path = shutil.copytree(flash_dir, tmp_path / "flash")
+    (path / "predictors.safetensors").unlink()
+    calibrate(path, CORPUS / "fixture-val.txt", tokens=1024, seq_len=64, progress=False)
+    model, _ = load(path, memory="1GB", mode="predicted")
+    assert len(model.flash.runtime.layers) == len(model.layers)
