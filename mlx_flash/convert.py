@@ -109,13 +109,13 @@ class _Plan:
     num_layers: int
     names: dict[str, str]  # normalised HF name -> name in the checkpoint files
     biases: frozenset[str]  # record parts that have a bias
+    sources: tuple[tuple[str, int, int], ...]  # per part: (checkpoint weight name, chunk, chunks)
     ffn: frozenset[str]  # normalised names of the FFN weight matrices (go to ffn.bundles)
-    parts: int = 0  # record parts per neuron
 
     @property
     def payload_bytes(self) -> int:
         """Bytes of one neuron's record without padding."""
-        return self.parts * self.d_model * FLOATS[self.dtype].itemsize
+        return len(self.sources) * self.d_model * FLOATS[self.dtype].itemsize
 
 
 def default_alignment(payload_bytes: int) -> int:
@@ -144,13 +144,22 @@ def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
         dims.append(value)
     d, ffn, layers = dims
     names = {spec.checkpoint_key(k): k for k in ckpt.keys()}
-    parts = fmt.make_parts(arch, d)
-    biases = frozenset(p.name for p in parts if p.tensor_name(0)[: -len("weight")] + "bias" in names)
+    sources = tuple((f"{module}.weight", chunk, chunks)
+                    for module, chunk, chunks in (p.source() for p in spec.parts))
+    biases = set()
+    for p, (weight, _, chunks) in zip(spec.parts, sources, strict=True):
+        bias = weight.format(layer=0)[: -len("weight")] + "bias"
+        if bias in names and chunks > 1:
+            raise CheckpointError(f"{ckpt.path}: {bias}: a bias on a fused FFN matrix is not "
+                                  "supported")
+        if bias in names:
+            biases.add(p.name)
     parts = fmt.make_parts(arch, d, biases)
     ffn_names = set()
     for layer in range(layers):
-        for p in parts:
-            want = {p.tensor_name(layer): (ffn, d) if p.axis == "row" else (d, ffn)}
+        for p, (weight, _, chunks) in zip(parts, sources, strict=True):
+            src = weight.format(layer=layer)
+            want = {src: (chunks * ffn, d) if p.axis == "row" else (d, chunks * ffn)}
             if p.bias:
                 want[p.bias_name(layer)] = (ffn,) if p.axis == "row" else (d,)
             for name, shape in want.items():
@@ -160,12 +169,13 @@ def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
                 if tuple(got) != shape:
                     raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {list(got)}; "
                                           f"config.json implies {list(shape)}")
-            ffn_names.add(p.tensor_name(layer))
-    src = ckpt.dtype(names[parts[0].tensor_name(0)])
+            ffn_names.add(src)
+    src = ckpt.dtype(names[sources[0][0].format(layer=0)])
     target = dtype or src
     if target not in FLOATS:
         raise FlashError(f"{ckpt.path}: FFN weights are {src}; pass --dtype float16|bfloat16|float32")
-    return _Plan(arch, target, d, ffn, layers, names, biases, frozenset(ffn_names), len(parts))
+    return _Plan(arch, target, d, ffn, layers, names, frozenset(biases), sources,
+                 frozenset(ffn_names))
 
 
 class _Sink:
@@ -230,10 +240,13 @@ def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str,
         sums["ffn_header"] = sink.take_crc()
         chunk = max(1, RECORD_CHUNK_BYTES // m.record_bytes)
         for layer in tqdm(range(m.num_layers), desc=desc, unit="layer", disable=not progress):
-            mats = []  # per part (ffn, d) in storage dtype; a column part is a transposed view
-            for p in m.parts:
-                mat = to_storage(ckpt.load(plan.names[p.tensor_name(layer)]), m.dtype)
-                mats.append(mat.T if p.axis == "column" else mat)
+            mats, loaded = [], {}  # per part (ffn, d) in storage dtype; a fused tensor read once
+            for p, (weight, i, _) in zip(m.parts, plan.sources, strict=True):
+                name = weight.format(layer=layer)
+                if name not in loaded:
+                    loaded[name] = to_storage(ckpt.load(plan.names[name]), m.dtype)
+                mat = loaded[name].T if p.axis == "column" else loaded[name]  # (chunks*ffn, d)
+                mats.append(mat[i * m.ffn_dim : (i + 1) * m.ffn_dim])
             for start in range(0, m.ffn_dim, chunk):
                 stop = min(m.ffn_dim, start + chunk)
                 records = np.zeros((stop - start, m.record_values), m.np_dtype)  # zero padding
@@ -241,7 +254,7 @@ def _write_bundles(ckpt: Checkpoint, plan: _Plan, m: fmt.Manifest, desc: str,
                     records[:, p.offset : p.offset + p.length] = mat[start:stop]
                 sink.write(memoryview(records).cast("B"))
             sums["ffn_layers"].append(sink.take_crc())
-            del mats, records
+            del mats, loaded, records
             mx.clear_cache()
     finally:
         size = sink.close()

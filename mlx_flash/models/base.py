@@ -17,11 +17,21 @@ from typing import Any
 class RecordPart:
     """One slice of a neuron's record: row `i` of an (ffn, d) input matrix, or column `i` of the
     (d, ffn) output matrix. `module` is the HF module path (checkpoint names, `{layer}` for the
-    layer index) whose `.weight` (and `.bias`, if the checkpoint has one) it comes from."""
+    layer index) whose `.weight` (and `.bias`, if the checkpoint has one) it comes from.
+
+    `fused`: `(module, chunk, chunks)` when the checkpoint stores the matrix fused with others
+    (gate and up as one (2*ffn, d) tensor): it is chunk `chunk` of `chunks` equal slices of that
+    module's weight along the FFN axis. The converter slices it out; the flash dir and the model
+    (`Model.sanitize` splits the fused tensor) know only `module`."""
 
     name: str
     module: str
     axis: str  # "row" or "column"
+    fused: tuple[str, int, int] | None = None
+
+    def source(self) -> tuple[str, int, int]:
+        """(checkpoint module, chunk, chunks): where the converter reads this part's weight."""
+        return self.fused or (self.module, 0, 1)
 
 
 @dataclass(frozen=True)

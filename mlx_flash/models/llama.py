@@ -1,68 +1,23 @@
 """Llama in MLX: mlx-lm's llama with the activation taken from `hidden_act`.
 
 mlx-lm's model is SiLU-only; relufied Llamas (the sparse ones this project streams) gate with ReLU.
-Attention, rope scaling, GQA and the KV cache are mlx-lm's own; only the MLP is ours, so the flash
-runtime can replace it.
+Attention, rope scaling (Llama 3's included), GQA and the KV cache are mlx-lm's own; only the MLP
+is ours, so the flash runtime can replace it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models import llama
 
-from .. import activations
-from .base import FlashSpec, RecordPart
+from . import _gated
 
-
-@dataclass
-class ModelArgs(llama.ModelArgs):
-    hidden_act: str = "silu"
-    # transformers >= 5 keeps rope_theta and rope scaling together under `rope_parameters`
-    rope_parameters: dict | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        try:
-            activations.canonical(self.hidden_act)
-        except ValueError as e:
-            raise ValueError(f"Llama hidden_act: {e}") from None
-        if self.rope_parameters:
-            params = dict(self.rope_parameters)
-            self.rope_theta = params.pop("rope_theta", self.rope_theta)
-            if params.get("rope_type", params.get("type", "default")) != "default":
-                self.rope_scaling = params
-
-
-class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)): the part the flash runtime replaces."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.act = activations.mlx_fn(args.hidden_act)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+ModelArgs = _gated.model_args(llama.ModelArgs, "Llama")
 
 
 class Model(llama.Model):
     def __init__(self, args: ModelArgs):
         super().__init__(args)
-        for layer in self.model.layers:
-            layer.mlp = MLP(args)
+        _gated.use_mlp(self, args, args.hidden_act, args.mlp_bias)
 
 
-FLASH = FlashSpec(
-    dims=("hidden_size", "intermediate_size", "num_hidden_layers"),
-    parts=(RecordPart("gate_proj", "model.layers.{layer}.mlp.gate_proj", "row"),
-           RecordPart("up_proj", "model.layers.{layer}.mlp.up_proj", "row"),
-           RecordPart("down_proj", "model.layers.{layer}.mlp.down_proj", "column")),
-    hidden=lambda rows, act: act(rows["gate_proj"]) * rows["up_proj"],
-    activation=lambda config: config.get("hidden_act", "silu"),
-)
+FLASH = _gated.spec()
