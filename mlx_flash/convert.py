@@ -24,6 +24,7 @@ from . import hub, models, platform
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, to_storage
 from .errors import CheckpointError, FlashError
+from .gguf import GGUFCheckpoint, is_gguf
 from .platform import evict_from_page_cache
 from .safetensors import encode_header
 
@@ -33,9 +34,13 @@ EVICT_EVERY_BYTES = 256 << 20  # flush written data and drop it from the page ca
 
 
 def default_out(source: str | Path) -> Path:
-    """`models/<name>-flash` for a repo id `owner/name` or a local directory `.../name`."""
+    """`models/<name>-flash` for a repo id `owner/name`, a local directory `.../name` or a
+    GGUF file `.../name.gguf`."""
     path = Path(source).expanduser()
-    name = path.resolve().name if path.is_dir() else str(source).rstrip("/").split("/")[-1]
+    if is_gguf(path):
+        name = path.stem
+    else:
+        name = path.resolve().name if path.is_dir() else str(source).rstrip("/").split("/")[-1]
     return DEFAULT_MODELS_DIR / f"{name}-flash"
 
 
@@ -47,7 +52,8 @@ def convert(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert a checkpoint of a supported architecture (local HF dir or Hub repo id) into a flash model dir.
+    """Convert a checkpoint of a supported architecture (local HF dir, Hub repo id or llama.cpp
+    `.gguf` file, dequantized) into a flash model dir.
 
     `dtype` defaults to the dtype of the source FFN weights; `align` is the record alignment in
     bytes (default `default_alignment`: the smallest that holds one neuron, at most 16 KiB).
@@ -62,12 +68,7 @@ def convert(
             raise FlashError(f"--align: {e}") from None
     out = Path(out) if out is not None else default_out(source)
     _check_out(out, force)  # before any download
-    local = hub.resolve(source, progress=progress)
-    if fmt.is_flash_dir(local):
-        raise FlashError(f"{local}: already a flash model directory; convert the HF checkpoint")
-    if out.resolve() == local.resolve():
-        raise FlashError(f"{out}: the output would replace the source checkpoint; pick another --out")
-    ckpt = Checkpoint(local)
+    ckpt = GGUFCheckpoint(source) if is_gguf(source) else _hf_checkpoint(source, out, progress)
     plan = _plan(ckpt, dtype)
     if align is None:
         align = default_alignment(plan.payload_bytes)
@@ -91,6 +92,15 @@ def convert(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out
+
+
+def _hf_checkpoint(source: str, out: Path, progress: bool) -> Checkpoint:
+    local = hub.resolve(source, progress=progress)
+    if fmt.is_flash_dir(local):
+        raise FlashError(f"{local}: already a flash model directory; convert the HF checkpoint")
+    if out.resolve() == local.resolve():
+        raise FlashError(f"{out}: the output would replace the source checkpoint; pick another --out")
+    return Checkpoint(local)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -128,7 +138,7 @@ def default_alignment(payload_bytes: int) -> int:
     return align
 
 
-def _plan(ckpt: Checkpoint, dtype: str | None) -> _Plan:
+def _plan(ckpt: Checkpoint | GGUFCheckpoint, dtype: str | None) -> _Plan:
     """Check config and tensor shapes against each other before anything is written."""
     config = ckpt.config
     arch = config.get("model_type")
@@ -212,7 +222,8 @@ class _Sink:
         return size
 
 
-def _write(ckpt: Checkpoint, plan: _Plan, out: Path, source: str, align: int, progress: bool):
+def _write(ckpt: Checkpoint | GGUFCheckpoint, plan: _Plan, out: Path, source: str, align: int,
+           progress: bool):
     resident = {n: (plan.dtype if ckpt.dtype(k) in FLOATS else ckpt.dtype(k), ckpt.shape(k))
                 for n, k in sorted(plan.names.items()) if n not in plan.ffn}
     m = fmt.new_manifest(
@@ -225,7 +236,11 @@ def _write(ckpt: Checkpoint, plan: _Plan, out: Path, source: str, align: int, pr
     resident_bytes, sums["resident"] = _write_resident(ckpt, plan, m, progress)
     m = dataclasses.replace(m, resident_bytes=resident_bytes,
                             extra={"checksums": {"algorithm": "crc32", **sums}})
-    _copy_side_files(ckpt.path, out)
+    if isinstance(ckpt, GGUFCheckpoint):
+        for file, text in ckpt.side_files().items():
+            (out / file).write_text(text)
+    else:
+        _copy_side_files(ckpt.path, out)
     fmt.write_manifest(m)
     fmt.read_manifest(out)  # the output must pass its own reader
 

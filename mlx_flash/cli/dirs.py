@@ -17,14 +17,14 @@ from .options import JsonOpt, friendly
 @app.command()
 @friendly
 def convert(
-    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir or Hub repo id (owner/name).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output dir. Default models/<name>-flash.")] = None,
+    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir, Hub repo id (owner/name) or llama.cpp .gguf file.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output dir. Default models/<name>-flash (<stem>-flash for a .gguf file).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float16, bfloat16 or float32. Default: as stored.")] = None,
     align: Annotated[int | None, typer.Option("--align", help="Record alignment in bytes, a power of two from 4096 (16384 = the Apple SSD page). Default: the smallest that holds a neuron, at most 16384.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing flash dir.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Convert a checkpoint (local HF dir or Hub repo id) into a flash model dir (bundled FFN neurons)."""
+    """Convert a checkpoint (local HF dir, Hub repo id or .gguf file) into a flash model dir (bundled FFN neurons)."""
     from .. import format as fmt
     from ..convert import convert as run
 

@@ -14,9 +14,10 @@ from ..errors import FlashError
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="A flash dir, an HF checkpoint dir, or a Hub repo id "
-                 "(owner/name: converted once into models/<name>-flash). Default: the embedded "
-                 "demo model."),
+    typer.Option("--model", "-m", help="A flash dir, an HF checkpoint dir, a llama.cpp .gguf "
+                 "file or a Hub repo id (the last two converted once into models/<name>-flash). "
+                 "Default: $MLX_FLASH_MODEL, else models/SmolLM2-135M-Instruct-flash once "
+                 "`make demo` made it, else the embedded demo model."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 MemoryOpt = Annotated[
@@ -115,19 +116,20 @@ def say(line: str) -> None:
 
 
 def model_path(model: str | None, progress: bool = True) -> Path:
-    """The model dir for `--model`: the demo model, a local dir, or a Hub repo id converted once
-    into `models/<name>-flash` (reused when it is there)."""
-    from ..generation import DEFAULT_MODEL
+    """The model dir for `--model`: the default model, a local dir, or a GGUF file or Hub repo
+    id converted once into `models/<name>-flash` (reused when it is there)."""
+    from ..generation import default_model
+    from ..gguf import is_gguf
 
     if model is None:
-        return DEFAULT_MODEL
+        return default_model()
     path = Path(model).expanduser()
-    if path.exists():
+    if path.exists() and not is_gguf(path):
         return path
     from .. import hub
     from ..convert import convert, default_out
 
-    if not hub.is_repo_id(model):
+    if not is_gguf(path) and not hub.is_repo_id(model):
         raise FlashError(f"{model}: no such directory (and not a Hub repo id like owner/name)")
     out = default_out(model)
     if not (out / "manifest.json").is_file():

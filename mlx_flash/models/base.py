@@ -3,6 +3,7 @@
 Each `mlx_flash/models/<model_type>.py` holds the MLX model (ModelArgs, Model with `sanitize`,
 `layers`) and a module-level `FLASH = FlashSpec(...)`: the config keys of its dimensions, its
 activation, the parts of a neuron's record in order, and how the FFN combines the row parts.
+A model file that llama.cpp GGUF files can be converted from also declares `GGUF = GGUFSpec(...)`.
 Nothing outside `mlx_flash/models/` knows an architecture; it asks the spec.
 """
 
@@ -64,3 +65,20 @@ class FlashSpec:
     def config_dims(self, config: dict) -> tuple[Any, Any, Any]:
         """(d_model, ffn_dim, num_layers) as config.json states them (unchecked)."""
         return tuple(config.get(k) for k in self.dims)
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How a llama.cpp GGUF file of this architecture maps onto its HF checkpoint (`gguf.py`).
+
+    `tensors`: GGUF tensor name without `.weight`/`.bias` -> HF module path (`{layer}` for
+    `blk.N`). `config`: GGUF metadata key after the `<architecture>.` prefix -> config.json key.
+    `defaults`: config.json entries GGUF does not record. `rope_permuted`: HF module -> the
+    config key of its head count, for weights whose rows llama.cpp's converter permuted into its
+    interleaved rope order (HF's halves order is restored on read).
+    """
+
+    tensors: dict[str, str]
+    config: dict[str, str]
+    defaults: dict[str, Any]
+    rope_permuted: dict[str, str]
