@@ -29,7 +29,7 @@ def _root(
     """Run language models larger than memory: FFN neurons streamed from flash (LLM in a flash)."""
 
 
-from . import dirs, measure, run  # noqa: E402, F401  (the commands register on `app`)
+from . import dirs, measure, run, serve  # noqa: E402, F401  (the commands register on `app`)
 
 
 def main():
