@@ -192,7 +192,10 @@ def stream_generate(
     `logits_processors`, `prompt_cache`, `max_kv_size`, `prefill_step_size`, ...). Without a
     `sampler`, one is made from `temp` (0 is greedy), `top_p`, `min_p`, `top_k`; without
     `logits_processors`, from `repetition_penalty`. `seed` seeds MLX's random state first.
-    `stop`: strings that end the text (the stop string itself is not returned).
+    `stop`: strings that end the text (the stop string itself is not returned). A prompt that
+    fills the context (`context_limit`, with what `prompt_cache` holds) is refused with a
+    FlashError; `max_tokens` is cut to what the context leaves. Without a `prompt_cache`, one
+    sized to the context is made (`new_cache`).
 
     Each response carries `stats`, the flash figures of this call so far. Ctrl-C (in the main
     thread) is taken between tokens: the response being computed is still yielded, then
