@@ -165,12 +165,13 @@ def _config(path: Path, arch: str, meta: dict, spec, tensors: dict) -> dict:
         if not isinstance(config.get(key), int):
             raise CheckpointError(f"{path}: metadata has no integer for {key}")
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    embed = next((n for n in tensors if n.endswith("embed_tokens.weight")), None)
+    # llama.cpp's token_embd and output tensors, under the model file's HF names
+    embed = f"{spec.tensors['token_embd']}.weight"
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in meta:
         config["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
-    elif "vocab_size" not in config and embed is not None:
+    elif "vocab_size" not in config and embed in tensors:
         config["vocab_size"] = tensors[embed][-1].shape[0]
-    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+    config["tie_word_embeddings"] = f"{spec.tensors.get('output')}.weight" not in tensors
     for name in ("bos", "eos", "padding"):
         if f"tokenizer.ggml.{name}_token_id" in meta:
             key = "pad_token_id" if name == "padding" else f"{name}_token_id"
