@@ -62,10 +62,6 @@ class FlashSpec:
     def column_part(self) -> RecordPart:
         return self.parts[-1]
 
-    def config_dims(self, config: dict) -> tuple[Any, Any, Any]:
-        """(d_model, ffn_dim, num_layers) as config.json states them (unchecked)."""
-        return tuple(config.get(k) for k in self.dims)
-
 
 @dataclass(frozen=True)
 class GGUFSpec:
