@@ -113,7 +113,9 @@ class FlashMLP(nn.Module):
         """FFN of x over the cached neurons: each part's payload is a dense matrix of its own."""
         *row_parts, column = self.cache.part_weights(self._rt.manifest.mx_dtype)  # (n, d) each
         rows = {name: x @ w.T for (name, _, _), w in zip(self._rows, row_parts)}
-        return self._combine(rows, column, mx.array(self.cache.ids()))
+        # the neuron ids only pick bias entries: no per-token array for a model without biases
+        ids = mx.array(self.cache.ids()) if self._biases.by_module else None
+        return self._combine(rows, column, ids)
 
     def _combine(self, rows: dict, column: mx.array, ids: mx.array | None) -> mx.array:
         """The row products (n_tok, n) plus their biases, combined by the architecture's
