@@ -7,10 +7,13 @@ moves the last used rows into the holes. Nothing is ever reallocated.
 With `parts` (byte spans of the record), the cache keeps only those spans, each in a matrix of
 its own: (capacity, span) per part, no padding, so the FFN multiplies exactly the payload. Reads
 then land in a staging buffer first and the spans are copied out (a memcpy per missing record).
+With `decode` as well, the matrices hold what `decode` makes of the staged records instead
+(dequantized values of quantized records: `widths` gives each matrix's row bytes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -45,6 +48,8 @@ class NeuronCache:
     def __init__(
         self, capacity: int, record_bytes: int, n_neurons: int, alignment: int | None = None,
         parts: list[tuple[int, int]] | None = None, staging: np.ndarray | None = None,
+        decode: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+        widths: list[int] | None = None,
     ):
         if capacity < 1 or n_neurons < 1:
             raise ValueError(f"capacity={capacity} and n_neurons={n_neurons} must be >= 1")
@@ -61,7 +66,9 @@ class NeuronCache:
                 raise ValueError("a cache of record parts needs a (rows, record_bytes) staging "
                                  "buffer for its reads")
             self._staging = staging
-            held = [aligned_empty(capacity, hi - lo, alignment) for lo, hi in parts]
+            self._decode = decode or (lambda rows: [rows[:, lo:hi] for lo, hi in parts])
+            widths = widths if decode is not None else [hi - lo for lo, hi in parts]
+            held = [aligned_empty(capacity, w, alignment) for w in widths]
             self.part_storage = [arr for arr, _ in held]  # (capacity, span) uint8 each
             self._matrices = [view for _, view in held]
         self.pointer = np.full(capacity, -1, dtype=np.int64)
@@ -155,8 +162,9 @@ class NeuronCache:
             chunk = ids[a : a + len(stage)]
             reader.read(layer_offset, chunk, stage[: len(chunk)])
             rows = slice(start + a, start + a + len(chunk))
-            for (lo, hi), matrix in zip(self.parts, self._matrices):
-                matrix[rows] = stage[: len(chunk), lo:hi]
+            for piece, matrix in zip(self._decode(stage[: len(chunk)]), self._matrices,
+                                     strict=True):
+                matrix[rows] = piece
 
     def _make_room(self, need: int, step: int) -> int:
         """Delete the `need` least recently active rows that are not active at `step`."""

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from . import activations, models
 from . import format as fmt
 from .checkpoint import load_config
-from .dtypes import to_float32
 from .errors import FlashError, FormatError
 from .loader import build_model, load_tokenizer
 from .perplexity import read_tokens
@@ -70,10 +69,10 @@ class DenseFFN:
 
     @classmethod
     def load(cls, m: fmt.Manifest, resident: dict, layer: int, file, act) -> DenseFFN:
-        records = fmt.read_layer_records(m, layer, file=file)  # (ffn, record_values)
+        records = fmt.read_layer_records(m, layer, file=file)  # (ffn, record_bytes) uint8
         weights, biases = {}, {}
         for p in m.parts:
-            weights[p.name] = to_float32(records[:, p.offset : p.offset + p.length], m.dtype)
+            weights[p.name] = np.array(m.part_values(records, p).astype(mx.float32))
             if p.bias is not None:
                 biases[p.name] = np.array(resident[p.bias_name(layer)].astype(mx.float32))
         return cls(models.flash_spec(m.architecture), weights, biases, act)

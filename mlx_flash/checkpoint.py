@@ -17,12 +17,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .dtypes import BY_SAFETENSORS, FLOATS, to_mx
+from .dtypes import BY_NAME, BY_SAFETENSORS, FLOATS, to_mx
 from .errors import CheckpointError
+from .quant import Quantization
 from .safetensors import read_header
 
-# Checkpoint tensors we read: the floating ones (their safetensors tags)
-_ST_FLOATS = {d.safetensors: d for d in FLOATS.values()}
+# Checkpoint tensors we read: the floating ones (their safetensors tags), and the packed uint32
+# values of mlx-lm's quantized layers
+_ST_FLOATS = {d.safetensors: d for d in FLOATS.values()} | {"U32": BY_SAFETENSORS["U32"]}
 # torch storage class name -> (our name, numpy dtype holding the raw bits)
 _TORCH_STORAGES = {
     "FloatStorage": ("float32", np.float32),
@@ -67,7 +69,12 @@ class _Entry:
 
 
 class Checkpoint:
-    """A local HF checkpoint directory, read one tensor at a time."""
+    """A local HF checkpoint directory, read one tensor at a time.
+
+    An mlx-lm quantized checkpoint (`quantization` in config.json) shows each quantized layer's
+    (`weight`, `scales`, `biases`) as one logical tensor `weight` of its float shape and the
+    scales' dtype: `load` dequantizes it, `quantized` gives the stored triple.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -85,25 +92,50 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: no weight files (*.safetensors or pytorch_model*.bin)"
             )
+        self._quantized = _quantized_layers(self.path, self.config, self._entries)
+        hidden = {f"{n[: -len('weight')]}{k}" for n in self._quantized for k in ("scales", "biases")}
+        self._names = [k for k in self._entries if k not in hidden]
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return list(self._names)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._quantized:
+            return self._quantized[name][0]
         return self._entries[name].shape
 
     def dtype(self, name: str) -> str:
+        if name in self._quantized:
+            return self._entries[name[: -len("weight")] + "scales"].dtype
         return self._entries[name].dtype
 
+    def quantized(self, name: str) -> tuple[tuple[mx.array, ...], Quantization] | None:
+        """The stored (packed, scales, biases) of a quantized layer's weight and how it was
+        quantized; None for a float tensor."""
+        if name not in self._quantized:
+            return None
+        stem = name[: -len("weight")]
+        return (tuple(self.raw(stem + k) for k in ("weight", "scales", "biases")),
+                self._quantized[name][1])
+
     def load(self, name: str) -> mx.array:
-        """Read one tensor in its stored dtype."""
+        """One tensor in its stored dtype; a quantized layer's weight dequantized (in float32,
+        rounded once to the scales' dtype)."""
+        if (q := self.quantized(name)) is not None:
+            (w, s, b), quant = q
+            return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32),
+                                 **quant.kwargs).astype(s.dtype)
+        return self.raw(name)
+
+    def raw(self, name: str) -> mx.array:
+        """One stored tensor as it is in the file."""
         e = self._entries[name]
         if e.storage:
             return to_mx(_bin_tensor(e), e.dtype)
-        np_dtype = FLOATS[e.dtype].storage
+        np_dtype = BY_NAME[e.dtype].storage
         with open(e.file, "rb") as f:
             f.seek(e.start)
             buf = f.read(e.end - e.start)
@@ -113,7 +145,37 @@ class Checkpoint:
         return to_mx(raw, e.dtype)
 
     def load_all(self) -> dict[str, mx.array]:
-        return {k: self.load(k) for k in self._entries}
+        """Every stored tensor as stored (quantized layers as their triples)."""
+        return {k: self.raw(k) for k in self._entries}
+
+
+def _quantized_layers(path: Path, config: dict, entries: dict) -> dict:
+    """weight name -> (float shape, Quantization) of each quantized layer of an mlx-lm dir."""
+    quantization = config.get("quantization")
+    if not quantization:
+        return {}
+    out = {}
+    for name, e in entries.items():
+        if not name.endswith(".scales"):
+            continue
+        stem = name[: -len("scales")]
+        own = quantization.get(stem[:-1], quantization)
+        own = own if isinstance(own, dict) else quantization
+        weight, biases = entries.get(stem + "weight"), entries.get(stem + "biases")
+        if own.get("mode", "affine") != "affine" or weight is None or biases is None:
+            raise CheckpointError(f"{path}: {stem}weight: only mlx-lm's affine quantization "
+                                  f"(weight, scales, biases) is supported")
+        bits = own.get("bits")
+        cols = weight.shape[-1] * 32 // bits if isinstance(bits, int) and bits > 0 else 0
+        if not cols or cols % e.shape[-1]:
+            raise CheckpointError(f"{path}: {stem}weight: shapes {list(weight.shape)} and "
+                                  f"scales {list(e.shape)} do not fit {bits}-bit quantization")
+        try:
+            q = Quantization(bits, cols // e.shape[-1])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {stem}weight: {err}") from None
+        out[stem + "weight"] = ((*weight.shape[:-1], cols), q)
+    return out
 
 
 def _safetensors_entries(file: Path) -> dict[str, _Entry]:

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import models
-from .dtypes import BY_NAME, BY_SAFETENSORS, FLOATS, to_mx
+from .dtypes import BY_NAME, BY_SAFETENSORS, FLOATS
 from .errors import FormatError
 from .layout import (  # noqa: F401  (the layout's names are part of this module's API)
     CONFIG_FILE,
@@ -30,14 +30,18 @@ from .layout import (  # noqa: F401  (the layout's names are part of this module
     MANIFEST,
     MANIFEST_MAGIC,
     MIN_ALIGNMENT,
+    READ_VERSIONS,
     RESIDENT_FILE,
     Manifest,
     Part,
     check_alignment,
     make_parts,
     new_manifest,
+    part_bytes,
+    record_stride,
     round_up,
 )
+from .quant import Quantization
 from .safetensors import read_header
 
 MAX_MANIFEST_BYTES = 64 << 20
@@ -129,9 +133,9 @@ def read_manifest(path: str | Path) -> Manifest:
     if obj.get("magic") != MANIFEST_MAGIC:
         raise _fail(MANIFEST, "magic", f"expected {MANIFEST_MAGIC!r}, got {obj.get('magic')!r:.40}")
     version = _get(obj, "format_version", int)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise _fail(MANIFEST, "format_version", f"unknown version {version} (this mlx-flash reads "
-                    f"{FORMAT_VERSION})", f"upgrade mlx-flash or {_RECONVERT}")
+                    f"{', '.join(map(str, READ_VERSIONS))})", f"upgrade mlx-flash or {_RECONVERT}")
     arch = _get(obj, "architecture", str)
     if arch not in models.supported():
         raise _fail(MANIFEST, "architecture", f"unknown {arch!r} (known: "
@@ -151,13 +155,16 @@ def read_manifest(path: str | Path) -> Manifest:
         raise _fail(MANIFEST, "alignment", str(e)) from None
 
     _check_config(root, arch, dims)
-    parts = _check_parts(obj, arch, d_model)
+    quantization = _check_quantization(obj, version, d_model)
+    parts = _check_parts(obj, arch, d_model, dtype, quantization, version)
     record_bytes = _get(obj, "record_bytes", int)
-    itemsize = FLOATS[dtype].itemsize
-    want = round_up(sum(p.length for p in parts) * itemsize, alignment)
-    if record_bytes != want:
-        raise _fail(MANIFEST, "record_bytes", f"{record_bytes}, but {len(parts)} parts x {d_model} "
-                    f"x {itemsize} bytes aligned to {alignment} is {want}")
+    payload = sum(p.nbytes for p in parts)
+    allowed = {record_stride(payload, alignment, packed=False)}
+    if version >= 2:
+        allowed.add(record_stride(payload, alignment, packed=True))
+    if record_bytes not in allowed:
+        raise _fail(MANIFEST, "record_bytes", f"{record_bytes}, but {len(parts)} parts of "
+                    f"{parts[0].nbytes} bytes make {' or '.join(map(str, sorted(allowed)))}")
 
     ffn = _get(obj, "ffn_file", dict)
     if ffn.get("name") != FFN_FILE:
@@ -177,12 +184,13 @@ def read_manifest(path: str | Path) -> Manifest:
 
     known = {"magic", "format_version", "architecture", "dtype", "d_model", "ffn_dim", "num_layers",
              "alignment", "record_bytes", "record_parts", "ffn_file", "layers", "resident_file",
-             "source", "created_by"}
+             "source", "created_by", "quantization"}
     manifest = Manifest(
         path=root, architecture=arch, dtype=dtype, d_model=d_model, ffn_dim=ffn_dim,
         num_layers=num_layers, alignment=alignment, record_bytes=record_bytes, parts=parts,
         data_offset=data_offset, ffn_bytes=ffn_bytes, layer_offsets=offsets,
         resident_bytes=resident_bytes, resident_tensors=tensors, format_version=version,
+        quantization=quantization,
         source=obj.get("source") if isinstance(obj.get("source"), str) else None,
         created_by=obj.get("created_by") if isinstance(obj.get("created_by"), str) else None,
         extra={k: v for k, v in obj.items() if k not in known},
@@ -201,7 +209,27 @@ def _check_config(root: Path, arch: str, dims: dict[str, int]) -> None:
                         f"{config.get(theirs)!r:.40}")
 
 
-def _check_parts(obj: dict, arch: str, d_model: int) -> tuple[Part, ...]:
+def _check_quantization(obj: dict, version: int, d_model: int) -> Quantization | None:
+    entry = obj.get("quantization")
+    if entry is None:
+        return None
+    if version < 2 or not isinstance(entry, dict) or entry.get("mode", "affine") != "affine":
+        raise _fail(MANIFEST, "quantization", f"{entry!r:.60} is not an affine quantization of "
+                    "format version 2")
+    try:
+        column = entry.get("column_bits")
+        if column is not None:
+            column = _get(entry, "column_bits", int, "quantization.")
+        q = Quantization(_get(entry, "bits", int, "quantization."),
+                         _get(entry, "group_size", int, "quantization."), column)
+        q.check_dim(d_model)
+    except ValueError as e:
+        raise _fail(MANIFEST, "quantization", str(e)) from None
+    return q
+
+
+def _check_parts(obj: dict, arch: str, d_model: int, dtype: str, quantization, version: int
+                 ) -> tuple[Part, ...]:
     raw = _get(obj, "record_parts", list)
     spec = [(p.name, p.module, p.axis) for p in models.flash_spec(arch).parts]
     if len(raw) != len(spec):
@@ -211,8 +239,12 @@ def _check_parts(obj: dict, arch: str, d_model: int) -> tuple[Part, ...]:
         where = f"record_parts[{i}]."
         if not isinstance(entry, dict):
             raise _fail(MANIFEST, where[:-1], "expected an object")
-        expected = {"name": name, "tensor": f"{module}.weight", "axis": axis, "offset": offset,
-                    "length": d_model}
+        expected = {"name": name, "tensor": f"{module}.weight", "axis": axis}
+        size = part_bytes(d_model, dtype, quantization, axis)
+        if version == 1:  # offsets and lengths in values
+            expected.update(offset=i * d_model, length=d_model)
+        else:
+            expected.update({"offset": offset, "bytes": size})
         for key, want in expected.items():
             got = _get(entry, key, type(want), where)
             if got != want:
@@ -221,8 +253,8 @@ def _check_parts(obj: dict, arch: str, d_model: int) -> tuple[Part, ...]:
         bias = entry.get("bias")
         if bias not in (None, f"{module}.bias"):
             raise _fail(MANIFEST, where + "bias", f"{bias!r:.60}, expected null or {module}.bias")
-        parts.append(Part(name, f"{module}.weight", axis, offset, d_model, bias))
-        offset += d_model
+        parts.append(Part(name, f"{module}.weight", axis, offset, size, bias))
+        offset += size
     return tuple(parts)
 
 
@@ -245,10 +277,10 @@ def _check_layers(obj, num_layers, ffn_dim, record_bytes, alignment, data_offset
         if off % alignment:
             raise _fail(MANIFEST, where + "offset", f"{off} is not a multiple of {alignment}")
         if off != expect:
-            raise _fail(MANIFEST, where + "offset", f"{off}, layers must be back to back from "
-                        f"{data_offset}: expected {expect}")
+            raise _fail(MANIFEST, where + "offset", f"{off}, layers must follow each other from "
+                        f"{data_offset}, each padded to the alignment: expected {expect}")
         offsets.append(off)
-        expect = end
+        expect = round_up(end, alignment)
     if expect != ffn_bytes:
         raise _fail(MANIFEST, "ffn_file.bytes", f"{ffn_bytes}, but the layers end at {expect}")
     return tuple(offsets)
@@ -289,9 +321,9 @@ def _check_ffn_file(m: Manifest) -> None:
         raise _fail(FFN_FILE, "magic", f"expected {MAGIC!r}, got {raw[:8]!r}")
     (_, version, header_length, alignment, num_layers, ffn_dim, record_bytes, data_offset,
      d_model, code, file_bytes) = HEADER.unpack(raw)
-    if version != FORMAT_VERSION:
-        raise _fail(FFN_FILE, "format_version", f"unknown version {version} (this mlx-flash reads "
-                    f"{FORMAT_VERSION})", f"upgrade mlx-flash or {_RECONVERT}")
+    if version != m.format_version:
+        raise _fail(FFN_FILE, "format_version", f"header says {version}, manifest.json says "
+                    f"{m.format_version}")
     if not HEADER_LENGTH <= header_length <= data_offset:
         raise _fail(FFN_FILE, "header_length", f"{header_length} outside [64, data_offset]")
     claims = {"alignment": (alignment, m.alignment), "num_layers": (num_layers, m.num_layers),
@@ -343,11 +375,12 @@ def _check_resident_file(m: Manifest) -> None:
 
 def read_layer_records(m: Manifest, layer: int, start: int = 0, count: int | None = None,
                        file=None) -> np.ndarray:
-    """Records `start:start+count` of `layer` as a (count, record_values) array of `m.np_dtype`."""
+    """Records `start:start+count` of `layer` as a (count, record_bytes) uint8 array (decode a
+    part with `m.part_values` / `m.part_arrays`)."""
     count = m.ffn_dim - start if count is None else count
     if not (0 <= layer < m.num_layers and 0 <= start and start + count <= m.ffn_dim):
         raise IndexError(f"layer {layer} records {start}:{start + count} out of range")
-    out = np.empty((count, m.record_values), dtype=m.np_dtype)
+    out = np.empty((count, m.record_bytes), dtype=np.uint8)
     f = file or open(m.ffn_path, "rb")
     try:
         f.seek(m.neuron_offset(layer, start))
@@ -360,16 +393,27 @@ def read_layer_records(m: Manifest, layer: int, start: int = 0, count: int | Non
 
 
 def load_dense_weights(path: str | Path) -> dict[str, mx.array]:
-    """All weights of a flash directory under HF names, FFN matrices rebuilt dense from the bundles."""
+    """All weights of a flash directory under HF names, FFN matrices rebuilt from the bundles.
+
+    Quantized records give quantized row matrices (`.weight`, `.scales`, `.biases`, as mlx-lm's
+    QuantizedLinear holds them) and a dequantized column matrix: the records quantize the down
+    projection along d, a QuantizedLinear along the FFN axis.
+    """
     m = read_manifest(path)
     weights = dict(mx.load(str(m.resident_path)))
     with open(m.ffn_path, "rb") as f:
         for layer in range(m.num_layers):
-            records = read_layer_records(m, layer, file=f)  # (ffn, record_values)
+            records = read_layer_records(m, layer, file=f)  # (ffn, record_bytes)
             for p in m.parts:
-                block = records[:, p.offset : p.offset + p.length]  # (ffn, d)
-                weights[p.tensor_name(layer)] = to_mx(block.T if p.axis == "column" else block,
-                                                      m.dtype)
+                name = p.tensor_name(layer)
+                if m.quantization is not None and p.axis == "row":
+                    w, s, b = m.part_arrays(records, p)
+                    stem = name[: -len("weight")]
+                    weights.update({name: w, stem + "scales": s, stem + "biases": b})
+                    continue
+                block = m.part_values(records, p)  # (ffn, d)
+                weights[name] = block.T if p.axis == "column" else block
+            mx.eval([weights[p.tensor_name(layer)] for p in m.parts])
             del records
     return weights
 
@@ -388,9 +432,12 @@ def info(path: str | Path) -> dict[str, Any]:
         "alignment": m.alignment,
         "bundle_bytes": m.record_bytes,
         "bundle_payload_bytes": m.payload_bytes,
+        "quantization": None if m.quantization is None else m.quantization.to_dict(),
+        "layout": "packed" if m.packed else "aligned",
         "resident_bytes": m.resident_bytes,
         "flash_bytes": m.ffn_bytes,
-        "padding_fraction": round(1 - m.payload_bytes / m.record_bytes, 4),
+        "padding_fraction": round(1 - m.num_layers * m.ffn_dim * m.payload_bytes
+                                  / (m.ffn_bytes - m.data_offset), 4),
         "resident_tensors": len(m.resident_tensors),
         "source": m.source,
         "calibrated": _calibration(m.extra.get("predictors")),

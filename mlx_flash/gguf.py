@@ -19,6 +19,7 @@ import numpy as np
 
 from . import models
 from .errors import CheckpointError
+from .quant import Quantization
 
 MAGIC = b"GGUF"
 GROUP_SIZE = 32  # values per scale in every quantized type MLX reads from GGUF
@@ -80,6 +81,17 @@ class GGUFCheckpoint:
     def dtype(self, name: str) -> str:
         parts = self._tensors[name]
         return str(parts[-1].dtype).removeprefix("mlx.core.")
+
+    def quantized(self, name: str) -> tuple[tuple[mx.array, ...], Quantization] | None:
+        """The (packed, scales, biases) MLX read for a quantized tensor, in HF's row order, and
+        its quantization; None for a float tensor."""
+        parts = self._tensors[name]
+        if len(parts) == 1:
+            return None
+        w, scales, biases = parts
+        if name in self._heads:
+            w, scales, biases = (unpermute_rope(a, self._heads[name]) for a in parts)
+        return (w, scales, biases), Quantization(w.shape[-1] // scales.shape[-1], GROUP_SIZE)
 
     def load(self, name: str) -> mx.array:
         """One tensor, dequantized (in float32, rounded once to the scales' dtype), in HF's row

@@ -27,6 +27,25 @@ def build_model(config: dict) -> nn.Module:
     return module.Model(args)
 
 
+def quantize_modules(model: nn.Module, config: dict, weights: dict[str, mx.array]) -> None:
+    """Turn the layers whose weights come quantized (a `.scales` beside the weight) into mlx-lm's
+    quantized layers, as mlx_lm.utils.load_model does for a `quantization` entry in config.json."""
+    quantization = config.get("quantization")
+    if not quantization:
+        return
+    from mlx_lm.utils import infer_quant_config
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:  # a per-layer entry
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
 def read_weights(path: Path) -> dict[str, mx.array]:
     """All weights under their HF names, from an HF checkpoint dir or a flash model dir."""
     if (path / "manifest.json").exists():
@@ -47,7 +66,9 @@ def load_model(path: str | Path, dtype: str | None = None) -> nn.Module:
             target = check_float(dtype).mx
         except ValueError as e:
             raise FlashError(str(e)) from None
-        weights = {k: v.astype(target) for k, v in weights.items()}
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
+    quantize_modules(model, config, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

@@ -84,7 +84,7 @@ class Budget:
     kv_cache: int
     buffers: int
     dense_ffn: int
-    neuron_bytes: int  # what one cached neuron takes: its record's payload (no padding)
+    neuron_bytes: int  # what one cached neuron takes: its payload (no padding), or its float size
     num_layers: int
     ffn_dim: int
     max_context: int
@@ -123,13 +123,24 @@ class Budget:
         return out
 
 
-def plan_budget(manifest: Manifest, config: dict, memory, max_context: int) -> Budget:
-    dense_ffn = manifest.num_layers * manifest.ffn_dim * manifest.payload_bytes
-    model = manifest.resident_bytes + dense_ffn
-    buffers = stream_rows(manifest) * manifest.record_bytes
+def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
+                compute: str | None = None) -> Budget:
+    """The budget of a flash dir; `compute` = "dequantized" (quantized records held as float
+    values in the cache) makes a cached neuron cost its float size instead of its record's."""
+    m = manifest
+    d_float = m.d_model * m.itemsize
+    neuron = len(m.parts) * d_float if compute == "dequantized" else m.payload_bytes
+    if m.quantization is None:
+        dense_neuron = m.payload_bytes
+    else:  # dense: gate/up stay quantized, the down column is held dequantized (format.py)
+        dense_neuron = sum(p.nbytes for p in m.parts if p.axis == "row") + d_float
+    dense_ffn = m.num_layers * m.ffn_dim * dense_neuron
+    model = m.resident_bytes + dense_ffn
+    # the stream buffer, and for packed records the reader's scratch blocks as large again
+    buffers = stream_rows(m) * m.record_bytes * (2 if m.packed else 1)
     return Budget(
-        total=parse_memory(memory, model), model=model, resident=manifest.resident_bytes,
-        kv_cache=_kv_bytes(config, manifest, max_context), buffers=buffers,
-        dense_ffn=dense_ffn, neuron_bytes=manifest.payload_bytes,
-        num_layers=manifest.num_layers, ffn_dim=manifest.ffn_dim, max_context=max_context,
+        total=parse_memory(memory, model), model=model, resident=m.resident_bytes,
+        kv_cache=_kv_bytes(config, m, max_context), buffers=buffers,
+        dense_ffn=dense_ffn, neuron_bytes=neuron,
+        num_layers=m.num_layers, ffn_dim=m.ffn_dim, max_context=max_context,
     )

@@ -15,13 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import activations, models, platform
+from . import activations, models, platform, quant
 from .cache import NeuronCache
 from .checkpoint import load_config
-from .dtypes import to_mx
 from .errors import FlashError
 from .format import Manifest, read_layer_records, read_manifest
-from .loader import build_model, load_dense, load_tokenizer
+from .loader import build_model, load_dense, load_tokenizer, quantize_modules
 from .memory import Budget, plan_budget, stream_rows
 from .profiles import profile_used, reader_settings
 from .state import FlashState, FlashStats
@@ -35,8 +34,12 @@ class FlashRuntime:
     """What the FlashMLPs of one model share: the manifest, the reader, buffers and counters."""
 
     def __init__(self, manifest: Manifest, mode: str, window: int, threads: int, act: str,
-                 max_request_bytes: int = 1 << 20, bundled: bool = True):
+                 max_request_bytes: int = 1 << 20, bundled: bool = True,
+                 compute: str | None = None):
         self.manifest = manifest
+        # quantized records: "quantized" (quantized_matmul over a quantized cache) or
+        # "dequantized" (dequantized on insert into a float cache); None for float records
+        self.compute = compute
         self.spec = models.flash_spec(manifest.architecture)
         self.mode = mode
         self.window = window
@@ -56,10 +59,12 @@ class FlashRuntime:
 
 
 def _part_spans(m: Manifest) -> list[tuple[int, int]]:
-    """Aligned byte span of each record part: what one read per part has to fetch."""
-    align, size = platform.direct_io_alignment(), m.itemsize
-    return [(p.offset * size // align * align, -(-(p.offset + p.length) * size // align) * align)
-            for p in m.parts]
+    """Byte span of each record part: what one read per part has to fetch (for aligned records,
+    widened to the direct-I/O blocks; the reader widens packed ones itself)."""
+    if m.packed:
+        return [p.span for p in m.parts]
+    align = platform.direct_io_alignment()
+    return [(lo // align * align, -(-hi // align) * align) for lo, hi in (p.span for p in m.parts)]
 
 
 class _Biases:
@@ -82,52 +87,66 @@ class FlashMLP(nn.Module):
         m = rt.manifest
         self._rt, self.layer = rt, layer
         self.offset = m.layer_offset(layer)
-        # The cache keeps each part's payload in a matrix of its own (no padding to multiply).
-        spans = [(p.offset * m.itemsize, (p.offset + p.length) * m.itemsize) for p in m.parts]
-        self.cache = NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans,
-                                 staging=rt.chunk_np)
+        self.cache = _new_cache(rt, capacity)
         self._biases = _Biases(biases)
         self._oracle = oracle  # (W_in (ffn, d), bias or None): dense activation input, oracle mode
         self.predictor = predictor  # predictor.Predictor (or a stand-in) for predicted mode
         self._step = 0
-        d = m.d_model
-        span = {p.name: (p.offset, p.offset + d) for p in m.parts}
-        self._rows = [(p.name, *span[p.name]) for p in rt.spec.row_parts]
-        self._column = span[rt.spec.column_part.name]
+        self._row_parts = [p for p in m.parts if p.name in {r.name for r in rt.spec.row_parts}]
+        self._column_part = m.part(rt.spec.column_part.name)
         self._out_bias = biases.get(rt.spec.column_part.name)
 
     # -- the FFN over a block of records -------------------------------------------------------
 
     def _ffn(self, x: mx.array, records: mx.array, ids: mx.array | None) -> mx.array:
-        """FFN of x (n_tok, d) over whole `records` (n, record_values) holding neurons `ids`
-        (the stream buffer: prefill, naive, overflow)."""
-        width = records.shape[1]
-        # x zero-padded to the record width keeps each row product on contiguous records: MLX's
-        # CPU backend copies a strided slice before a matmul, ~10x the product's own cost.
-        rows = {name: mx.pad(x, [(0, 0), (lo, width - hi)]) @ records.T
-                for name, lo, hi in self._rows}
-        lo, hi = self._column
-        return self._combine(rows, records[:, lo:hi], ids)
+        """FFN of x (n_tok, d) over whole `records` ((n, record_bytes) uint8) holding neurons
+        `ids` (the stream buffer: prefill, naive, overflow)."""
+        m = self._rt.manifest
+        if m.quantization is not None:  # dequantized per part: (n, d) each
+            rows = {p.name: x @ m.part_values(records, p).T for p in self._row_parts}
+            column = m.part_values(records, self._column_part)
+            return self._combine(rows, lambda h: _times(h, column), ids)
+        values = records.view(m.mx_dtype)
+        width, size = values.shape[1], m.itemsize
+        rows = {}
+        for p in self._row_parts:
+            lo, hi = p.offset // size, (p.offset + p.nbytes) // size
+            # x zero-padded to the record width keeps each row product on contiguous records:
+            # MLX's CPU backend copies a strided slice before a matmul, ~10x the product's cost.
+            rows[p.name] = mx.pad(x, [(0, 0), (lo, width - hi)]) @ values.T
+        lo, hi = (o // size for o in self._column_part.span)
+        column = values[:, lo:hi]
+        return self._combine(rows, lambda h: _times(h, column), ids)
 
     def _ffn_cached(self, x: mx.array) -> mx.array:
-        """FFN of x over the cached neurons: each part's payload is a dense matrix of its own."""
-        *row_parts, column = self.cache.part_weights(self._rt.manifest.mx_dtype)  # (n, d) each
-        rows = {name: x @ w.T for (name, _, _), w in zip(self._rows, row_parts)}
+        """FFN of x over the cached neurons: each part's payload is a matrix of its own."""
+        rt = self._rt
         # the neuron ids only pick bias entries: no per-token array for a model without biases
         ids = mx.array(self.cache.ids()) if self._biases.by_module else None
-        return self._combine(rows, column, ids)
+        if rt.compute == "quantized":  # (packed, scales, biases) per part
+            m = rt.manifest
+            mats = self.cache.part_weights()
+            triples = [(w.view(mx.uint32), s.view(m.mx_dtype), b.view(m.mx_dtype))
+                       for w, s, b in zip(mats[0::3], mats[1::3], mats[2::3], strict=True)]
+            *row_parts, column = triples
+            rows = {p.name: mx.quantized_matmul(x, *t, transpose=True,
+                                                **m.part_quantization(p).kwargs)
+                    for p, t in zip(self._row_parts, row_parts, strict=True)}
+            down = m.part_quantization(self._column_part).kwargs
+            return self._combine(rows, lambda h: mx.quantized_matmul(
+                h, *column, transpose=False, **down), ids)
+        *row_parts, column = self.cache.part_weights(rt.manifest.mx_dtype)  # (n, d) each
+        rows = {p.name: x @ w.T for p, w in zip(self._row_parts, row_parts, strict=True)}
+        return self._combine(rows, lambda h: _times(h, column), ids)
 
-    def _combine(self, rows: dict, column: mx.array, ids: mx.array | None) -> mx.array:
+    def _combine(self, rows: dict, down, ids: mx.array | None) -> mx.array:
         """The row products (n_tok, n) plus their biases, combined by the architecture's
-        `hidden`, times the column part (n, d)."""
+        `hidden` into h, then `down(h)`: the column part's product (n_tok, d)."""
         rt, b = self._rt, self._biases.by_module
         for name in rows:
             if (bias := b.get(name)) is not None:
                 rows[name] = rows[name] + (bias if ids is None else bias[ids])
-        h = rt.spec.hidden(rows, rt.act)
-        if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
-            return (h.T * column).sum(axis=0, keepdims=True)
-        return h @ column
+        return down(rt.spec.hidden(rows, rt.act))
 
     # -- modes ---------------------------------------------------------------------------------
 
@@ -160,11 +179,16 @@ class FlashMLP(nn.Module):
         y = self._ffn_cached(x) if first else None
         for start in range(first, m.ffn_dim, rows):
             n = min(rows, m.ffn_dim - start)
-            rt.reader.read_range(m.neuron_offset(self.layer, start), n * m.record_bytes,
-                                 rt.chunk_np[:n])
-            part = self._ffn(x, rt.chunk[:n].view(m.mx_dtype), mx.arange(start, start + n))
+            if m.packed:  # records inside blocks: the reader widens and copies
+                rt.reader.read(self.offset, np.arange(start, start + n), rt.chunk_np[:n])
+            else:
+                rt.reader.read_range(m.neuron_offset(self.layer, start), n * m.record_bytes,
+                                     rt.chunk_np[:n])
+            part = self._ffn(x, rt.chunk[:n], mx.arange(start, start + n))
+            part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
             y = part if y is None else y + part
             mx.eval(y)  # the chunk buffer is overwritten next
+        y = y.astype(x.dtype)
         io = rt.reader.delta(before)
         if count_as_prefill:
             rt.stats.prefill_io = rt.stats.prefill_io + io
@@ -220,7 +244,7 @@ class FlashMLP(nn.Module):
         streamed_s = 0.0  # the overflow's FFN, evaluated chunk by chunk: compute, not cache work
         if len(overflow):
             t2, io_before = time.perf_counter(), rt.reader.snapshot()
-            y = y + self._uncached(x, overflow)
+            y = (y.astype(mx.float32) + self._uncached(x, overflow)).astype(x.dtype)
             streamed_s = time.perf_counter() - t2 - rt.reader.delta(io_before).seconds
         io = rt.reader.delta(before)
         cache_s = time.perf_counter() - t1 - io.seconds - streamed_s
@@ -237,7 +261,8 @@ class FlashMLP(nn.Module):
             part_ids = ids[start : start + rows]
             n = len(part_ids)
             rt.reader.read(self.offset, part_ids, rt.chunk_np[:n])
-            part = self._ffn(x, rt.chunk[:n].view(rt.manifest.mx_dtype), mx.array(part_ids))
+            part = self._ffn(x, rt.chunk[:n], mx.array(part_ids))
+            part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
             y = part if y is None else y + part
             mx.eval(y)  # the stream buffer is overwritten next
         return y
@@ -258,6 +283,37 @@ class FlashMLP(nn.Module):
                 s.token_s += now - s.last_token_start
             s.last_token_start = now
             s.tokens += 1
+
+
+def _times(h: mx.array, column: mx.array) -> mx.array:
+    """h (n_tok, n) times the column part (n, d)."""
+    if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
+        return (h.T * column).sum(axis=0, keepdims=True)
+    return h @ column
+
+
+def _new_cache(rt: FlashRuntime, capacity: int) -> NeuronCache:
+    """A layer's NeuronCache: each part's payload in a matrix of its own (no padding to multiply);
+    quantized records keep packed values, scales and biases apart, or are dequantized on insert."""
+    m = rt.manifest
+    spans = [p.span for p in m.parts]
+    if m.quantization is None:
+        return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans, staging=rt.chunk_np)
+    d = m.d_model
+    if rt.compute == "quantized":
+        fine = []
+        for p in m.parts:
+            w, s, _ = m.part_quantization(p).spans(d, m.itemsize)
+            lo, hi = p.span
+            fine += [(lo, lo + w), (lo + w, lo + w + s), (lo + w + s, hi)]
+        return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=fine, staging=rt.chunk_np)
+
+    def decode(rows: np.ndarray) -> list[np.ndarray]:
+        values = [m.part_values(rows, p) for p in m.parts]
+        return [quant.as_bytes(v) for v in values]
+
+    return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans, staging=rt.chunk_np,
+                       decode=decode, widths=[d * m.itemsize] * len(m.parts))
 
 
 def _pop_biases(m: Manifest, weights: dict[str, mx.array]) -> dict[int, dict[str, mx.array]]:
@@ -282,6 +338,7 @@ def load(
     predictors: list | None = None,
     bundled: bool = True,
     max_request_bytes: int | None = None,
+    compute: str | None = None,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -298,6 +355,9 @@ def load(
     default to the `mlx-flash probe` profile of the volume, else 16 threads and 1 MiB.
     Benchmarks only: `predictors` (per-layer callables x -> bool mask) replace
     predictors.safetensors; `bundled=False` reads each record part separately.
+    `compute` (quantized records): `quantized` keeps cached neurons quantized and multiplies
+    with `quantized_matmul`, `dequantized` dequantizes them on insert (float cache, counted in
+    the budget); default by device (`quant.default_compute`).
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -306,9 +366,15 @@ def load(
     path = Path(path)
     config = load_config(path)
     manifest = read_manifest(path)
+    if compute is not None and compute not in quant.COMPUTES:
+        raise FlashError(f"unknown compute {compute!r}; choose one of {', '.join(quant.COMPUTES)}")
+    if manifest.quantization is None:
+        compute = None
+    elif compute is None:
+        compute = quant.default_compute()
     if max_context is None:
         max_context = min(2048, config.get("max_position_embeddings") or 2048)
-    budget = plan_budget(manifest, config, memory, max_context)
+    budget = plan_budget(manifest, config, memory, max_context, compute)
     if mode == "dense" or (mode == "auto" and budget.fits_dense):
         model, tokenizer = load_dense(path)
         model.flash = FlashState("dense", budget, max_context=max_context)
@@ -334,12 +400,13 @@ def load(
     resident = dict(mx.load(str(manifest.resident_path)))
     biases = _pop_biases(manifest, resident)
     weights = model.sanitize(resident)
+    quantize_modules(model, config, weights)
     profile = profile_used(manifest.ffn_path) if threads is None else None
     if threads is None or max_request_bytes is None:
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
     act = models.flash_spec(manifest.architecture).activation(config)
-    rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled)
+    rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled, compute)
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
     rt.reader_profile = profile or "defaults (no probe profile for this volume)"
     with open(manifest.ffn_path, "rb") as f:
@@ -363,8 +430,7 @@ def load(
 def _oracle(m: Manifest, layer: int, biases: dict, f) -> tuple[mx.array, mx.array | None]:
     """The dense input matrix (ffn, d) of one layer and its bias, for the exact activation."""
     part = m.parts[0]  # the activation's input: its sign decides a ReLU neuron's activity
-    records = read_layer_records(m, layer, file=f)
-    return to_mx(records[:, part.offset : part.offset + part.length], m.dtype), biases.get(part.name)
+    return m.part_values(read_layer_records(m, layer, file=f), part), biases.get(part.name)
 
 
 __all__ = ["load", "FlashMLP", "FlashRuntime", "FlashState", "FlashStats", "MODES", "Budget"]

@@ -2,7 +2,10 @@
 
 Neuron `i` of a layer is one record of `record_bytes` bytes at `layer_offset + i * record_bytes`
 in `ffn.bundles` (docs/FORMAT.md). Reads bypass the page cache (platform.open_direct), so the
-buffers they land in must be aligned: allocate them with `aligned_empty`.
+buffers they land in must be aligned: allocate them with `aligned_empty`. Records that are a
+multiple of the alignment are read straight into the caller's rows; packed records (smaller, or
+not a multiple) are read as the whole aligned blocks that hold them, into a scratch buffer, and
+copied out: one request per run of records whose blocks touch.
 """
 
 from __future__ import annotations
@@ -129,11 +132,9 @@ class FlashReader:
     ):
         self.path = os.fspath(path)
         self.alignment = alignment or platform.direct_io_alignment()
-        if record_bytes <= 0 or record_bytes % self.alignment:
-            raise ValueError(
-                f"record_bytes={record_bytes} is not a positive multiple of the "
-                f"{self.alignment}-byte alignment"
-            )
+        if record_bytes <= 0:
+            raise ValueError(f"record_bytes={record_bytes} must be positive")
+        self.widened = record_bytes % self.alignment != 0  # packed records: whole blocks read
         if threads < 1:
             raise ValueError(f"threads={threads} must be >= 1")
         self.record_bytes = record_bytes
@@ -141,10 +142,11 @@ class FlashReader:
         self.part_spans = None
         if part_spans is not None:
             spans = np.asarray(part_spans, dtype=np.int64).reshape(-1, 2)
-            if (len(spans) == 0 or np.any(spans % self.alignment) or np.any(spans[:, 0] < 0)
+            unaligned = not self.widened and np.any(spans % self.alignment)
+            if (len(spans) == 0 or unaligned or np.any(spans[:, 0] < 0)
                     or np.any(spans[:, 1] <= spans[:, 0]) or np.any(spans[:, 1] > record_bytes)):
-                raise ValueError(f"part_spans {part_spans} must be non-empty, "
-                                 f"{self.alignment}-aligned spans inside the record")
+                raise ValueError(f"part_spans {part_spans} must be non-empty spans inside the "
+                                 f"record ({self.alignment}-aligned for aligned records)")
             self.part_spans = spans
         # Round limits down to whole records / alignment units so every request stays aligned.
         self.max_request_rows = max(1, max_request_bytes // record_bytes)
@@ -159,6 +161,7 @@ class FlashReader:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flash-read")
         self._lock = threading.Lock()
         self._stats = ReadStats()
+        self._scratch: np.ndarray | None = None  # aligned blocks of packed records, grown as needed
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -190,6 +193,9 @@ class FlashReader:
             )
 
         rb = self.record_bytes
+        if self.widened:
+            self._read_widened(layer_offset, ids, out, t0)
+            return
         if self.part_spans is not None:  # unbundled: one request per neuron and part
             lo, hi = self.part_spans[:, 0], self.part_spans[:, 1]
             file_off = (layer_offset + ids[:, None] * rb + lo).reshape(-1)
@@ -258,6 +264,49 @@ class FlashReader:
         self.close()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _read_widened(self, layer_offset: int, ids: np.ndarray, out: np.ndarray, t0: float):
+        """Packed records: read the aligned blocks holding them, then copy each span out.
+
+        Bundled, the byte ranges of all records whose blocks touch become one request (a block
+        shared by two records is read once); with `part_spans`, every part of every neuron is a
+        request of its own. Requests are cut at `max_request_rows` records' worth of bytes.
+        """
+        a, rb = self.alignment, self.record_bytes
+        spans = self.part_spans if self.part_spans is not None else np.array([[0, rb]])
+        starts = (layer_offset + ids[:, None] * rb + spans[:, 0]).reshape(-1)  # sorted
+        ends = starts + np.tile(spans[:, 1] - spans[:, 0], len(ids))
+        lo, hi = starts // a * a, -(-ends // a) * a
+        if self.part_spans is None:
+            first = np.concatenate(([True], lo[1:] > hi[:-1]))  # a gap: a new request
+            req = np.cumsum(first) - 1
+            req_lo = lo[first]
+            req_hi = np.maximum.reduceat(hi, np.flatnonzero(first))
+        else:
+            req, req_lo, req_hi = np.arange(len(lo)), lo, hi
+        sizes = req_hi - req_lo
+        at = np.concatenate(([0], np.cumsum(sizes)[:-1]))  # scratch offset of each request
+        total = int(sizes.sum())
+        if self._scratch is None or self._scratch.size < total:
+            self._scratch = aligned_empty(1, max(total, 2 * (0 if self._scratch is None
+                                                              else self._scratch.size)),
+                                          self.alignment)[1].reshape(-1)
+        # Cut long requests into pieces of at most max_request_bytes (whole blocks).
+        cap = max(a, self.max_request_rows * rb // a * a)
+        pieces = -(-sizes // cap)
+        which = np.repeat(np.arange(len(sizes)), pieces)
+        k = np.arange(len(which)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        p_off = req_lo[which] + k * cap
+        p_size = np.minimum(cap, req_hi[which] - p_off)
+        end = int(req_hi[-1])
+        if end > self.file_size:
+            raise FlashError(f"{self.path}: neuron {int(ids[-1])} at offset {end - rb} lies "
+                             f"past the end of the file ({self.file_size} bytes)")
+        self._run(p_off, at[which] + k * cap, p_size, self._scratch, t0)
+        pos = (at[req] + starts - req_lo[req]).reshape(len(ids), len(spans))
+        for j, (s_lo, s_hi) in enumerate(spans.tolist()):
+            windows = np.lib.stride_tricks.sliding_window_view(self._scratch[:total], s_hi - s_lo)
+            out[:, s_lo:s_hi] = windows[pos[:, j]]
 
     def _check_out(self, out: np.ndarray, shape: tuple[int, int] | None) -> None:
         if self._fd is None:

@@ -42,7 +42,7 @@ def _exact_predictors(path) -> None:
     for i in range(m.num_layers):
         records = fmt.read_layer_records(m, i)
         tensors[f"layers.{i}.A"] = mx.eye(m.d_model, dtype=m.mx_dtype)
-        tensors[f"layers.{i}.B"] = fmt.to_mx(records[:, : m.d_model], m.dtype)
+        tensors[f"layers.{i}.B"] = m.part_values(records, m.parts[0])
         tensors[f"layers.{i}.bias"] = resident[f"model.decoder.layers.{i}.fc1.bias"]
         tensors[f"layers.{i}.threshold"] = mx.array([0.5], dtype=mx.float32)
     mx.save_safetensors(str(path / "predictors.safetensors"), tensors)
@@ -51,7 +51,7 @@ def _exact_predictors(path) -> None:
 @pytest.fixture(scope="module")
 def fixture_dir(tmp_path_factory):
     path = convert(str(fixture_path("opt-fixture")), out=str(tmp_path_factory.mktemp("b") / "f"),
-                   dtype="float16", align=4096, progress=False)
+                   dtype="float16", align=4096, packed=False, progress=False)
     _exact_predictors(path)
     return path
 
@@ -144,7 +144,7 @@ def test_unbundled_reads_fetch_the_same_bytes_in_two_requests_per_neuron(tmp_pat
         assert s.snapshot().requests == 10 and s.snapshot().bytes == r.snapshot().bytes
     assert np.array_equal(bundled, split)
     assert np.array_equal(split, data.reshape(64, rb)[ids])
-    with pytest.raises(ValueError, match="aligned spans"):
+    with pytest.raises(ValueError, match="aligned for aligned records"):
         FlashReader(tmp_path / "f", rb, 1, part_spans=[(0, 100)])
 
 

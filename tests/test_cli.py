@@ -88,7 +88,7 @@ def test_convert_info_and_flash_generate(tmp_path):
     again = run("convert", str(EMBEDDED), "--out", str(out))
     assert_one_line_error(again, "--force")
     info = json.loads(run("info", str(out), "--json").stdout)
-    assert info["bundle_bytes"] == 4096 and info["num_layers"] == 4
+    assert info["bundle_bytes"] == 768 and info["layout"] == "packed" and info["num_layers"] == 4
     dense = json.loads(run("generate", "-p", "The open() function", "-n", "12", "--json").stdout)
     converted = run("generate", "-m", str(out), "--mode", "dense", "-p", "The open() function",
                     "-n", "12", "--json")

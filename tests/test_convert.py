@@ -101,11 +101,11 @@ def test_16k_alignment_layout_and_info(tmp_path):
     """The Apple SSD page as alignment (the default picks the smallest that holds a neuron:
     tests/test_new_user.py)."""
     src = fixture_path("opt-fixture")
-    out = convert(str(src), out=tmp_path / "flash", align=16384, progress=False)
+    out = convert(str(src), out=tmp_path / "flash", align=16384, packed=False, progress=False)
     m = fmt.read_manifest(out)
     assert (m.alignment, m.record_bytes, m.dtype) == (16384, 16384, "float16")
     assert m.ffn_bytes == 16384 + 6 * 1536 * 16384 == (out / "ffn.bundles").stat().st_size
-    assert {p.name: (p.offset, p.length) for p in m.parts} == {"fc1": (0, 384), "fc2": (384, 384)}
+    assert {p.name: p.span for p in m.parts} == {"fc1": (0, 768), "fc2": (768, 1536)}
     # a record, read at its offset, is [fc1 row i | fc2 column i | zeros]
     source = mx.load(str(src / "model.safetensors"))
     layer, i = 3, 1000
@@ -113,7 +113,7 @@ def test_16k_alignment_layout_and_info(tmp_path):
         head = f.read(64)
         f.seek(m.neuron_offset(layer, i))
         record = np.frombuffer(f.read(m.record_bytes), "<u2")
-    assert head[:8] == b"MLXFLASH" and int.from_bytes(head[8:12], "little") == 1
+    assert head[:8] == b"MLXFLASH" and int.from_bytes(head[8:12], "little") == 2
     assert m.neuron_offset(layer, i) % 16384 == 0
     fc1 = bits(source[f"model.decoder.layers.{layer}.fc1.weight"])
     fc2 = bits(source[f"model.decoder.layers.{layer}.fc2.weight"])

@@ -19,7 +19,7 @@ from .test_convert import make_checkpoint
 def converted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("format")
     src = make_checkpoint(root / "src", arch="opt", d=64, ffn=96, layers=3)
-    return convert(str(src), out=root / "flash", align=4096, progress=False)
+    return convert(str(src), out=root / "flash", align=4096, packed=False, progress=False)
 
 
 @pytest.fixture
@@ -58,15 +58,15 @@ def test_valid_dir_reads_and_round_trips_its_manifest(flash):
     m = fmt.read_manifest(flash)
     assert fmt.is_flash_dir(flash) and not fmt.is_flash_dir(flash.parent)
     assert (m.architecture, m.dtype, m.d_model, m.ffn_dim, m.num_layers) == ("opt", "float16", 64, 96, 3)
-    assert (m.record_bytes, m.record_values, m.payload_bytes, m.itemsize) == (4096, 2048, 256, 2)
+    assert (m.record_bytes, m.payload_bytes, m.itemsize, m.packed) == (4096, 256, 2, False)
     assert m.layer_offsets == (4096, 4096 + 96 * 4096, 4096 + 2 * 96 * 4096)
     assert m.layer_offset(1) == m.neuron_offset(1, 0) and m.neuron_offset(2, 5) == m.layer_offsets[2] + 5 * 4096
-    assert m.part("fc2").offset == 64 and m.part("fc2").axis == "column"
+    assert m.part("fc2").span == (128, 256) and m.part("fc2").axis == "column"
     assert m.to_dict() == json.loads((flash / "manifest.json").read_text())
     head = (flash / "ffn.bundles").read_bytes()[: m.data_offset]
     assert head == m.ffn_header() and not any(head[64:])
     records = fmt.read_layer_records(m, 2, start=10, count=3)
-    assert records.shape == (3, 2048) and records.dtype == np.dtype("<u2") and not records[:, 128:].any()
+    assert records.shape == (3, 4096) and records.dtype == np.uint8 and not records[:, 256:].any()
 
 
 def test_unknown_keys_are_kept(flash):
@@ -94,14 +94,14 @@ def test_wrong_manifest_magic(flash):
 
 
 def test_unknown_format_version(flash):
-    edit_manifest(flash, format_version=2)
-    e = rejects(flash, "manifest.json", "format_version", "unknown version 2", "upgrade mlx-flash")
+    edit_manifest(flash, format_version=3)
+    e = rejects(flash, "manifest.json", "format_version", "unknown version 3", "upgrade mlx-flash")
     assert e.field == "format_version"
 
 
 def test_unknown_version_in_bundle_header(flash):
     patch_bytes(flash / "ffn.bundles", 8, (7).to_bytes(4, "little"))
-    rejects(flash, "ffn.bundles", "format_version", "unknown version 7")
+    rejects(flash, "ffn.bundles", "format_version", "header says 7, manifest.json says 2")
 
 
 def test_offsets_past_end_of_file(flash):
@@ -116,7 +116,7 @@ def test_offsets_out_of_order_or_unaligned(flash):
     layers = obj["layers"]
     layers[0]["offset"], layers[1]["offset"] = layers[1]["offset"], layers[0]["offset"]
     edit_manifest(flash, layers=layers)
-    rejects(flash, "layers[0].offset", "back to back")
+    rejects(flash, "layers[0].offset", "must follow each other")
     layers[0]["offset"], layers[1]["offset"] = layers[1]["offset"] + 512, layers[0]["offset"]
     edit_manifest(flash, layers=layers)
     rejects(flash, "layers[0].offset", "not a multiple of 4096")
@@ -134,7 +134,7 @@ def test_manifest_dims_disagree_with_the_tensors(flash):
     config["hidden_size"] = 32
     (flash / "config.json").write_text(json.dumps(config))
     parts = obj["record_parts"]
-    parts[0]["length"] = parts[1]["length"] = parts[1]["offset"] = 32
+    parts[0]["bytes"] = parts[1]["bytes"] = parts[1]["offset"] = 64
     edit_manifest(flash, d_model=32, record_parts=parts)
     rejects(flash, "ffn.bundles", "d_model", "header says 64, manifest.json says 32")
 
@@ -221,7 +221,7 @@ def test_missing_data_files(flash, converted):
 
 def test_info_and_dense_weights_validate_first(flash):
     summary = fmt.info(flash)
-    assert summary["format_version"] == 1 and summary["alignment"] == 4096
+    assert summary["format_version"] == 2 and summary["alignment"] == 4096
     assert summary["flash_bytes"] == 4096 + 3 * 96 * 4096
     with open(flash / "ffn.bundles", "r+b") as f:
         f.truncate(4096)

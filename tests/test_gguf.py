@@ -15,7 +15,8 @@ import pytest
 from mlx_lm.models import llama as mlx_llama
 from tokenizers.pre_tokenizers import ByteLevel
 
-from mlx_flash import api, generation
+from mlx_flash import api, generation, quant
+from mlx_flash import format as fmt
 from mlx_flash.convert import convert, default_out
 from mlx_flash.errors import CheckpointError, FlashError
 from mlx_flash.gguf import GGUFCheckpoint, is_gguf, unpermute_rope
@@ -200,7 +201,15 @@ def smol_gguf(pytestconfig, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol(smol_gguf, tmp_path_factory) -> Path:
+    """The GGUF converted as a user gets it: 4-bit group-32 records, as the file's Q4_1."""
     return convert(str(smol_gguf), out=tmp_path_factory.mktemp("smol") / "smol-flash", progress=False)
+
+
+@pytest.fixture(scope="module")
+def smol_f16(smol_gguf, tmp_path_factory) -> Path:
+    """The GGUF dequantized into float16 records and resident weights."""
+    return convert(str(smol_gguf), out=tmp_path_factory.mktemp("smol") / "smol-f16", quantize=0,
+                   progress=False)
 
 
 def test_smollm2_config_and_tokenizer(smol):
@@ -228,9 +237,9 @@ def test_smollm2_config_and_tokenizer(smol):
                     "<|im_start|>assistant\n")
 
 
-def test_smollm2_logits_equal_mlx_lm_on_the_gguf(smol, smol_gguf):
+def _gguf_reference(smol_gguf, config, ids):
     """mlx-lm's Llama with traditional (interleaved) rope on the GGUF's own row order, dequantized
-    here: equal logits prove the names, the dequantization and the q/k un-permutation."""
+    here."""
     raw = mx.load(str(smol_gguf))
     names = {v: k for k, v in GGUF_NAMES.items()}
     weights = {}
@@ -246,13 +255,38 @@ def test_smollm2_logits_equal_mlx_lm_on_the_gguf(smol, smol_gguf):
         hf = (f"model.layers.{parts[1]}.{names[parts[2]]}" if parts[0] == "blk" else
               {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}[base])
         weights[f"{hf}.weight"] = arr.astype(mx.float16).astype(mx.float32)
-    config = json.loads((smol / "config.json").read_text())
     ref = mlx_llama.Model(mlx_llama.ModelArgs.from_dict({**config, "rope_traditional": True}))
     ref.load_weights(list(weights.items()), strict=True)
-    ids = mx.array([load_tokenizer(smol).encode("The capital of France is")])
-    want = ref(ids)
-    got = load_model(smol, dtype="float32")(ids)
+    return ref(ids)
+
+
+def test_smollm2_logits_equal_mlx_lm_on_the_gguf(smol_f16, smol_gguf):
+    """Equal logits prove the names, the dequantization and the q/k un-permutation."""
+    config = json.loads((smol_f16 / "config.json").read_text())
+    ids = mx.array([load_tokenizer(smol_f16).encode("The capital of France is")])
+    want = _gguf_reference(smol_gguf, config, ids)
+    got = load_model(smol_f16, dtype="float32")(ids)
     assert mx.abs(got - want).max().item() < 1e-3
+
+
+def test_smollm2_quantized_keeps_the_ggufs_values(smol, smol_gguf):
+    """The 4-bit dir holds the GGUF's own quantized layers (gate/up rows, attention, embeddings)
+    exactly; only the down projection is quantized again, along d at 8 bits: the logits stay
+    close."""
+    m = fmt.read_manifest(smol)
+    assert m.quantization == quant.Quantization(4, 32, 8) and m.packed
+    assert fmt.info(smol)["padding_fraction"] <= 0.125
+    raw = mx.load(str(smol_gguf))
+    w, s, b = m.part_arrays(fmt.read_layer_records(m, 3), m.part("up_proj"))
+    assert mx.array_equal(w, raw["blk.3.ffn_up.weight"]).item()
+    assert mx.array_equal(s, raw["blk.3.ffn_up.scales"].astype(s.dtype)).item()
+    config = json.loads((smol / "config.json").read_text())
+    ids = mx.array([load_tokenizer(smol).encode("The capital of France is")])
+    want = _gguf_reference(smol_gguf, config, ids)[0]
+    got = load_model(smol, dtype="float32")(ids)[0]
+    err = (mx.abs(got - want).max() / mx.abs(want).max()).item()
+    print(f"relative max |logit diff| {err:.4f}")
+    assert err < 0.05 and mx.array_equal(got.argmax(-1), want.argmax(-1)).item()
 
 
 def test_smollm2_answers_paris_dense_and_flash(smol):

@@ -113,14 +113,17 @@ def test_generate_applies_the_chat_template(tmp_path):
     assert out["stats"]["prompt_tokens"] > raw["stats"]["prompt_tokens"]
 
 
-def test_default_alignment_follows_the_neuron(tmp_path):
+def test_small_neurons_are_packed_not_padded(tmp_path):
     from mlx_flash import format as fmt
     from mlx_flash import platform
 
     out = convert(str(EMBEDDED), out=tmp_path / "f", progress=False)
     m = fmt.read_manifest(out)
-    # opt-tiny: 2 x 192 fp16 values = 768 bytes a neuron: one direct-I/O block, not 16 KiB
-    assert m.alignment == m.record_bytes == platform.direct_io_alignment()
+    # opt-tiny: 2 x 192 fp16 values = 768 bytes a neuron, packed back to back in direct-I/O
+    # blocks instead of each padded to one (81% of the file would be zeros)
+    assert m.packed and m.record_bytes == m.payload_bytes == 768
+    assert m.alignment == platform.direct_io_alignment()
+    assert fmt.info(out)["padding_fraction"] <= 0.125
 
 
 def _flip(file, offset: int) -> None:

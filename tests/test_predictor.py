@@ -280,7 +280,8 @@ def test_runtime_predicted_mode(opt_calibrated):
     assert got["perplexity"] < 1.05 * ref["perplexity"]
     stats = model.flash.runtime.stats.per_token()
     naive = model.flash.runtime.manifest.num_layers * model.flash.runtime.manifest.layer_bytes
-    assert 0 < stats["flash_bytes_per_token"] < naive / 10
+    # packed 1536-byte records, read as whole 4 KiB blocks: 2.7 neurons a block
+    assert 0 < stats["flash_bytes_per_token"] < naive / 5
 
 
 def test_runtime_predicted_mode_without_predictors(opt_dir):

@@ -67,10 +67,10 @@ def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndar
 
 
 def _layer_records(m: fmt.Manifest, layer: int, seed: int) -> np.ndarray:
-    """(ffn, record_values) records of one layer: random payload, zero padding."""
+    """(ffn, record_bytes / itemsize) records of one layer: random payload, zero padding."""
     rng = np.random.default_rng([seed, 1_000_003, layer])
     payload = m.payload_bytes // m.itemsize
-    records = np.zeros((m.ffn_dim, m.record_values), dtype=m.np_dtype)
+    records = np.zeros((m.ffn_dim, m.record_bytes // m.itemsize), dtype=m.np_dtype)
     records[:, :payload] = _random_values(rng, m.ffn_dim * payload, m.dtype).reshape(m.ffn_dim, -1)
     return records
 
@@ -156,7 +156,7 @@ def write_synthetic_flash(
             partial, "opt", dtype, d_model, ffn_dim, layers, alignment=align,
             biases={"fc1", "fc2"}, resident_tensors=resident,
             source=str(Path(checkpoint).resolve()) if checkpoint else "synthetic",
-            created_by="tools/synthetic_flash.py",
+            created_by="tools/synthetic_flash.py", packed=False,
         )
         hf = None
         if checkpoint:
@@ -179,6 +179,9 @@ def write_synthetic_flash(
         for i in range(layers):
             records = _layer_records(m, i, seed)
             ffn.write(records)
+            tail = m.layer_bytes - m.ffn_dim * m.record_bytes
+            if tail:
+                ffn.write(bytes(tail))
             if hf is not None:
                 for n, s in per_layer[i]:
                     hf.write(_tensor(n, s, dtype, seed))

@@ -17,18 +17,29 @@ from .options import JsonOpt, friendly
 @app.command()
 @friendly
 def convert(
-    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir, Hub repo id (owner/name) or llama.cpp .gguf file.")],
+    source: Annotated[str, typer.Argument(help="Local HF checkpoint dir (float or mlx-lm quantized), Hub repo id (owner/name) or llama.cpp .gguf file.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output dir. Default models/<name>-flash (<stem>-flash for a .gguf file).")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="float16, bfloat16 or float32. Default: as stored.")] = None,
-    align: Annotated[int | None, typer.Option("--align", help="Record alignment in bytes, a power of two from 4096 (16384 = the Apple SSD page). Default: the smallest that holds a neuron, at most 16384.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float16, bfloat16 or float32 (of values, or of a quantized model's scales). Default: as stored.")] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", "-q", help="4 or 8: quantize FFN records and resident layers (MLX affine, as mlx-lm does); none: float records. Default: as the source (a quantized mlx-lm dir or GGUF file keeps its bits).")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="Values per scale with --quantize: 32, 64 or 128. Default 64, or the source's.")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="auto, packed (records back to back; reads take whole blocks) or aligned (each record starts on a block). auto: aligned unless that pads records by more than 12.5%.")] = "auto",
+    align: Annotated[int | None, typer.Option("--align", help="Block size in bytes, a power of two from 4096. Default: the direct-I/O block (16384 on macOS, 4096 on Linux).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing flash dir.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Convert a checkpoint (local HF dir, Hub repo id or .gguf file) into a flash model dir (bundled FFN neurons)."""
+    """Convert a checkpoint (local HF dir, mlx-lm quantized dir, Hub repo id or .gguf file) into a flash model dir (bundled FFN neurons)."""
     from .. import format as fmt
     from ..convert import convert as run
+    from ..errors import FlashError
 
-    path = run(source, out=out, dtype=dtype, align=align, force=force, progress=not as_json)
+    bits = {None: None, "none": 0, "0": 0, "4": 4, "8": 8}
+    if quantize not in bits:
+        raise FlashError(f"--quantize {quantize}: choose 4, 8 or none")
+    layouts = {"auto": None, "packed": True, "aligned": False}
+    if layout not in layouts:
+        raise FlashError(f"--layout {layout}: choose auto, packed or aligned")
+    path = run(source, out=out, dtype=dtype, align=align, force=force, progress=not as_json,
+               quantize=bits[quantize], group_size=group_size, packed=layouts[layout])
     if as_json:
         typer.echo(json.dumps(fmt.info(path)))
     else:

@@ -44,6 +44,13 @@ MaxContextOpt = Annotated[
                  "cache holds; a flash dir's budget reserves it. Default: the model's limit, at "
                  "most 2048."),
 ]
+ComputeOpt = Annotated[
+    str | None,
+    typer.Option("--compute", help="Quantized flash dirs: quantized (cached neurons stay "
+                 "quantized; MLX's quantized kernels, fast on a GPU) or dequantized (dequantized "
+                 "as they are read into a float cache: 4x its memory, fast on a CPU). Default: "
+                 "by device."),
+]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
 
 
@@ -54,7 +61,8 @@ def _positive(value: float | None) -> float | None:
 
 
 def load_options(model: ModelOpt = None, memory: MemoryOpt = None, mode: ModeOpt = "auto",
-                 window: WindowOpt = None, max_context: MaxContextOpt = None):
+                 window: WindowOpt = None, max_context: MaxContextOpt = None,
+                 compute: ComputeOpt = None):
     """The options that say which model to load and how (a group: see `options`)."""
 
 
@@ -139,14 +147,15 @@ def model_path(model: str | None, progress: bool = True) -> Path:
 
 
 def load_model(model: str | None = None, memory=None, mode: str = "auto", window=None,
-               max_context=None, progress: bool = True):
+               max_context=None, progress: bool = True, compute: str | None = None):
     """(model, tokenizer) for the load options, with a note when the budget changes the plan."""
     from ..api import load
     from ..memory import budget_note
     from ..state import state_of
 
     path = model_path(model, progress)
-    m, tok = load(path, memory=memory, mode=mode, window=window, max_context=max_context)
+    extra = {"compute": compute} if compute is not None else {}
+    m, tok = load(path, memory=memory, mode=mode, window=window, max_context=max_context, **extra)
     loaded = state_of(m)
     if loaded.budget is not None and (note := budget_note(loaded.budget.total)):
         say(note)
