@@ -28,7 +28,7 @@ from . import activations, models
 from . import format as fmt
 from .checkpoint import load_config
 from .errors import FlashError, FormatError
-from .loader import build_model, load_tokenizer
+from .loader import build_model, load_tokenizer, quantize_modules
 from .perplexity import read_tokens
 from .predictor import (
     CALIBRATE_FIX,
@@ -198,8 +198,14 @@ def walk(m: fmt.Manifest, config: dict, seqs: np.ndarray, sparsity: float | None
     act = activations.numpy_fn(act_name)
     model = build_model(config)
     resident = dict(mx.load(str(m.resident_path)))
+    weights = model.sanitize(dict(resident))
+    quantize_modules(model, config, weights)
     # Only resident weights load; the MLPs keep their lazy random init, never evaluated.
-    model.load_weights(list(model.sanitize(dict(resident)).items()), strict=False)
+    model.load_weights(list(weights.items()), strict=False)
+    if config.get("quantization"):  # the blocks run in float32 below: quantized layers too
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
     _to_float32(model, but=model.layers)  # the blocks go to float32 one at a time, in turn
     S, L = seqs.shape
     n, per = S * L, max(1, CHUNK_TOKENS // L)  # tokens, sequences per chunk

@@ -152,6 +152,20 @@ def test_flash_modes_agree_with_the_dense_form_and_with_mlx_lm(flash_q4, ids, re
         assert tokens == want_tokens, (mode, compute)
 
 
+def test_predicted_mode_and_calibration_run_on_quantized_records(flash_q4, ids, tmp_path):
+    from mlx_flash.calibrate import calibrate
+
+    from .conftest import CORPUS
+
+    path = shutil.copytree(flash_q4, tmp_path / "flash")
+    calibrate(path, CORPUS / "fixture-val.txt", tokens=512, seq_len=64, progress=False)
+    model, _ = load(path, memory="1GB", mode="predicted")
+    assert model.flash.mode == "predicted"
+    logits, tokens = _greedy(model, ids)
+    assert np.isfinite(logits).all() and len(tokens) == NEW
+    assert model.flash.runtime.stats.per_token()["flash_bytes_per_token"] > 0
+
+
 def test_dequantized_cache_costs_its_float_size_in_the_budget(flash_q4):
     model, _ = load(flash_q4, memory="1GB", mode="oracle", compute="quantized")
     q_bytes = model.flash.budget.neuron_bytes
