@@ -112,14 +112,18 @@ class Checkpoint:
             return self._entries[name[: -len("weight")] + "scales"].dtype
         return self._entries[name].dtype
 
+    def quantization_of(self, name: str) -> Quantization | None:
+        """How a layer's weight is quantized (None: a float tensor), without reading it."""
+        entry = self._quantized.get(name)
+        return None if entry is None else entry[1]
+
     def quantized(self, name: str) -> tuple[tuple[mx.array, ...], Quantization] | None:
         """The stored (packed, scales, biases) of a quantized layer's weight and how it was
         quantized; None for a float tensor."""
-        if name not in self._quantized:
+        if (q := self.quantization_of(name)) is None:
             return None
         stem = name[: -len("weight")]
-        return (tuple(self.raw(stem + k) for k in ("weight", "scales", "biases")),
-                self._quantized[name][1])
+        return tuple(self.raw(stem + k) for k in ("weight", "scales", "biases")), q
 
     def load(self, name: str) -> mx.array:
         """One tensor in its stored dtype; a quantized layer's weight dequantized (in float32,

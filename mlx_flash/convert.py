@@ -229,15 +229,15 @@ def _target_quantization(ckpt, ffn_weight: str, quantize: int | None,
     need it along d, so it is quantized a second time, from its dequantized values, at
     COLUMN_BITS (8: at 4 bits, the second rounding costs SmolLM2 6.4% perplexity, at 8 bits
     0.1%; BENCHMARKS.md)."""
-    source = ckpt.quantized(ffn_weight)
+    source = ckpt.quantization_of(ffn_weight)
     if quantize == 0:
         return None
     if quantize is None and source is None:
         if group_size is not None:
             raise FlashError("--group-size needs --quantize 4|8 (the source is not quantized)")
         return None
-    bits = quantize or source[1].bits
-    group = group_size or (source[1].group_size if source is not None else DEFAULT_GROUP_SIZE)
+    bits = quantize or source.bits
+    group = group_size or (source.group_size if source is not None else DEFAULT_GROUP_SIZE)
     column = max(bits, COLUMN_BITS) if source is not None else None
     return Quantization(bits, group, column)
 
@@ -311,8 +311,7 @@ class _Quantized:
 
     def __init__(self, ckpt, name: str, q: Quantization | None, dtype: str):
         self.ckpt, self.name, self.dtype = ckpt, name, dtype
-        stored = ckpt.quantized(name)
-        self.quantization = stored[1] if stored is not None else q
+        self.quantization = ckpt.quantization_of(name) or q
         self._triple, self._taken = None, 0
 
     def part(self, k: int) -> np.ndarray:
@@ -347,7 +346,7 @@ def _resident_tensors(ckpt, plan: _Plan) -> dict[str, tuple[str, tuple[int, ...]
     for n, k in sorted(plan.names.items()):
         if n in plan.ffn:
             continue
-        if plan.quantization is not None and (ckpt.quantized(k) is not None
+        if plan.quantization is not None and (ckpt.quantization_of(k) is not None
                                               or n in plan.quantizable):
             q = _Quantized(ckpt, k, plan.quantization, plan.dtype)
             stem = n[: -len("weight")]
@@ -364,10 +363,10 @@ def _part_bytes(ckpt, plan: _Plan, m: fmt.Manifest, p: fmt.Part, name: str, chun
     """One part of every record of a layer: (ffn, p.nbytes) uint8."""
     rows = slice(chunk * m.ffn_dim, (chunk + 1) * m.ffn_dim)
     q, dtype = m.part_quantization(p), m.mx_dtype
-    stored = ckpt.quantized(plan.names[name]) if q is not None else None
-    if p.axis == "row" and stored is not None and stored[1] == q:
+    source = plan.names[name]
+    if p.axis == "row" and q is not None and ckpt.quantization_of(source) == q:
         # rows quantized along d as the records want them: kept exactly
-        w, s, b = (a[rows] for a in stored[0])
+        w, s, b = (a[rows] for a in ckpt.quantized(source)[0])
         return quant.encode(w, s.astype(dtype), b.astype(dtype))
     if name not in loaded:  # a fused tensor is read once for its parts
         loaded[name] = ckpt.load(plan.names[name])

@@ -82,16 +82,22 @@ class GGUFCheckpoint:
         parts = self._tensors[name]
         return str(parts[-1].dtype).removeprefix("mlx.core.")
 
-    def quantized(self, name: str) -> tuple[tuple[mx.array, ...], Quantization] | None:
-        """The (packed, scales, biases) MLX read for a quantized tensor, in HF's row order, and
-        its quantization; None for a float tensor."""
+    def quantization_of(self, name: str) -> Quantization | None:
+        """How a tensor is quantized (None: a float tensor)."""
         parts = self._tensors[name]
         if len(parts) == 1:
             return None
-        w, scales, biases = parts
+        return Quantization(parts[0].shape[-1] // parts[1].shape[-1], GROUP_SIZE)
+
+    def quantized(self, name: str) -> tuple[tuple[mx.array, ...], Quantization] | None:
+        """The (packed, scales, biases) MLX read for a quantized tensor, in HF's row order, and
+        its quantization; None for a float tensor."""
+        if (q := self.quantization_of(name)) is None:
+            return None
+        parts = self._tensors[name]
         if name in self._heads:
-            w, scales, biases = (unpermute_rope(a, self._heads[name]) for a in parts)
-        return (w, scales, biases), Quantization(w.shape[-1] // scales.shape[-1], GROUP_SIZE)
+            parts = tuple(unpermute_rope(a, self._heads[name]) for a in parts)
+        return parts, q
 
     def load(self, name: str) -> mx.array:
         """One tensor, dequantized (in float32, rounded once to the scales' dtype), in HF's row

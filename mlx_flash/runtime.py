@@ -94,6 +94,9 @@ class FlashMLP(nn.Module):
         self._step = 0
         self._row_parts = [p for p in m.parts if p.name in {r.name for r in rt.spec.row_parts}]
         self._column_part = m.part(rt.spec.column_part.name)
+        # quantized compute: each part's quantized_matmul arguments, made once
+        self._qkw = {p.name: m.part_quantization(p).kwargs for p in m.parts
+                     if m.quantization is not None}
         self._out_bias = biases.get(rt.spec.column_part.name)
 
     # -- the FFN over a block of records -------------------------------------------------------
@@ -129,10 +132,9 @@ class FlashMLP(nn.Module):
             triples = [(w.view(mx.uint32), s.view(m.mx_dtype), b.view(m.mx_dtype))
                        for w, s, b in zip(mats[0::3], mats[1::3], mats[2::3], strict=True)]
             *row_parts, column = triples
-            rows = {p.name: mx.quantized_matmul(x, *t, transpose=True,
-                                                **m.part_quantization(p).kwargs)
+            rows = {p.name: mx.quantized_matmul(x, *t, transpose=True, **self._qkw[p.name])
                     for p, t in zip(self._row_parts, row_parts, strict=True)}
-            down = m.part_quantization(self._column_part).kwargs
+            down = self._qkw[self._column_part.name]
             return self._combine(rows, lambda h: mx.quantized_matmul(
                 h, *column, transpose=False, **down), ids)
         *row_parts, column = self.cache.part_weights(rt.manifest.mx_dtype)  # (n, d) each
