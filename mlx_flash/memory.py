@@ -79,7 +79,7 @@ class Budget:
     """How a memory budget is spent; all figures in bytes except `capacity` (rows per layer)."""
 
     total: int
-    model: int  # resident + dense FFN weights
+    model: int  # resident + FFN records' payload: the model's size (`50%model`)
     resident: int
     kv_cache: int
     buffers: int
@@ -135,7 +135,7 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
     else:  # dense: gate/up stay quantized, the down column is held dequantized (format.py)
         dense_neuron = sum(p.nbytes for p in m.parts if p.axis == "row") + d_float
     dense_ffn = m.num_layers * m.ffn_dim * dense_neuron
-    model = m.resident_bytes + dense_ffn
+    model = m.resident_bytes + m.num_layers * m.ffn_dim * m.payload_bytes  # its bytes on disk
     # the stream buffer, and for packed records the reader's scratch blocks as large again
     buffers = stream_rows(m) * m.record_bytes * (2 if m.packed else 1)
     return Budget(

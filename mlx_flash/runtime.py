@@ -28,6 +28,7 @@ from .storage import FlashReader, ReadStats, aligned_empty
 
 MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted")
 DEFAULT_WINDOW = 4
+ALLOCATOR_CACHE_BYTES = 32 << 20  # freed MLX buffers kept for reuse in flash modes
 
 
 class FlashRuntime:
@@ -397,6 +398,9 @@ def load(
         budget.require_flash()
         capacity = budget.capacity
     capacity = max(1, min(capacity, manifest.ffn_dim))
+    # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's
+    # freed blocks would stay in the process beside the budget (a memory limit then kills it).
+    mx.set_cache_limit(ALLOCATOR_CACHE_BYTES)
 
     model = build_model(config)
     resident = dict(mx.load(str(manifest.resident_path)))

@@ -33,8 +33,9 @@ def parse_strategies(spec: str | list[str] | None) -> list[str]:
 
 
 def _unavailable(name, budget, has_predictors, ckpt, parent, limit) -> str | None:
-    if name == "dense" and budget.model > 0.75 * platform.physical_memory_bytes():
-        return f"the model ({budget.model / 1e9:.1f} GB) does not fit in this machine's memory"
+    dense = budget.resident + budget.dense_ffn
+    if name == "dense" and dense > 0.75 * platform.physical_memory_bytes():
+        return f"the dense model ({dense / 1e9:.1f} GB) does not fit in this machine's memory"
     if name in FLASH and budget.capacity < 1:
         return "the budget does not hold the resident weights (raise --memory)"
     if name in PREDICTED and not has_predictors:
