@@ -102,6 +102,33 @@ def test_synthetic_flash_dir_matches_its_checkpoint(synthetic):
     assert not (flash.parent / "flash.partial").exists()
 
 
+def test_quantized_synthetic_dir_is_a_quantized_flash_dir(tmp_path):
+    """`--quantize 4`: packed records of MLX affine parts whose values stay small, quantized
+    attention and embedding; flash decode (both compute paths) gives the dense model's tokens."""
+    out = write_synthetic_flash(tmp_path / "q4", d_model=256, ffn_dim=2048, layers=2, vocab=8192,
+                                max_pos=64, quantize=4)
+    m = fmt.read_manifest(out)
+    assert m.quantization.to_dict() == {"mode": "affine", "bits": 4, "group_size": 64}
+    assert m.packed and m.record_bytes == 2 * (128 + 2 * 4 * 2)  # 2 parts of 256 4-bit values
+    values = np.array(m.part_values(fmt.read_layer_records(m, 1), m.parts[1]).astype(mx.float32))
+    assert values.shape == (2048, 256) and 0.005 < np.abs(values).max() <= 0.0165
+    assert 0.001 < values.std() < 0.01
+    dense, tok = load_dense(out)
+    assert type(dense.model.decoder.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    assert type(dense.model.decoder.embed_tokens).__name__ == "QuantizedEmbedding"
+    want = _greedy(dense, tok)
+    for compute in ("quantized", "dequantized"):
+        flash, _ = runtime.load(out, memory="90%model", mode="naive", compute=compute)
+        assert _greedy(flash, tok) == want, compute
+    # flash modes cap MLX's cache of freed buffers (else they sit beside the budget)
+    assert mx.set_cache_limit(runtime.ALLOCATOR_CACHE_BYTES) == runtime.ALLOCATOR_CACHE_BYTES
+    budget = flash.flash.budget  # %model: a share of the dir's bytes (resident + records)
+    assert budget.model == m.resident_bytes + m.num_layers * m.ffn_dim * m.record_bytes
+    with pytest.raises(SystemExit, match="not with --quantize"):
+        write_synthetic_flash(tmp_path / "q", d_model=256, ffn_dim=2048, layers=1, vocab=8192,
+                              quantize=4, checkpoint=tmp_path / "hf")
+
+
 def test_mapped_baseline_computes_the_dense_model(synthetic):
     _, hf = synthetic
     dense, tok = load_dense(hf)

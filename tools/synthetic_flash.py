@@ -11,11 +11,19 @@ holds about a quarter of the FFN and about 2.5% of it is loaded fresh per token.
 this model are synthetic: speed, I/O and memory only, never quality.
 
     python tools/synthetic_flash.py OUT [--checkpoint HF_DIR] [--d-model 4096 --ffn-dim 16384
-        --layers 32 --vocab 50272 --dtype bfloat16 --align 4096] [--force]
+        --layers 32 --vocab 50272 --dtype bfloat16 --align 4096] [--quantize 4 [--group-size 64]
+        [--float-resident]] [--force]
 
 `--checkpoint HF_DIR` also writes the same weights as a Hugging Face checkpoint (one
 model.safetensors, dense layout) for the dense and mmap baselines of `mlx-flash bench`; the
 flash dir's manifest names it as its `source`.
+
+`--quantize BITS` writes the dir as `mlx-flash convert --quantize BITS` would lay it out (MLX
+affine, docs/FORMAT.md "Quantized records"): records packed back to back, each part random
+packed values with scales and biases chosen so values stay within about +-0.016; the attention
+projections and the token embedding quantized the same way (`--float-resident` keeps them in
+`--dtype`: on MLX's CPU backend a quantized 4096x4096 matvec is ~7x slower than a bfloat16 one,
+BENCHMARKS.md). No `--checkpoint` with it: the mmap baseline reads float checkpoints only.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ import numpy as np
 from mlx_flash import format as fmt
 from mlx_flash import platform
 from mlx_flash.bench import SYNTHETIC_FILE, synthetic_spec
+from mlx_flash.convert import choose_packed
 from mlx_flash.dtypes import FLOATS
+from mlx_flash.quant import Quantization
 from mlx_flash.safetensors import encode_header
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "opt-tiny"
@@ -54,8 +64,36 @@ def _random_values(rng: np.random.Generator, n: int, dtype: str) -> np.ndarray:
     return (r & 0x83FF) | ((6 + ((r >> 10) & 3)) << 10)  # float16: exponent 6..9 of 5 bits
 
 
-def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndarray:
-    """The value of a non-FFN tensor: norms weight 1, biases 0, matrices random (seeded by name)."""
+def _scales(rng: np.random.Generator, n: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """`n` (scale, bias) pairs of MLX affine groups in storage form: scales a sixteenth of
+    `_random_values`' magnitudes (positive), biases -8 x scale, so that a group's values
+    scale * q + bias (q in 0..15 at 4 bits) lie within about +-0.016."""
+    if dtype == "float32":
+        s = np.abs(_random_values(rng, n, dtype)) / 16
+        return s, -8 * s
+    r = _random_values(rng, n, dtype) & 0x7FFF  # positive
+    shift = 7 if dtype == "bfloat16" else 10  # where the exponent field starts
+    return r - (4 << shift), (r - (1 << shift)) | 0x8000  # x/16; -x/2 = -8 * (x/16)
+
+
+def _quantized(rng: np.random.Generator, rows: int, cols: int, q: Quantization, dtype: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint32 (rows, cols*bits/32), scales, biases (rows, cols/group)) of random rows."""
+    packed = np.frombuffer(rng.bytes(rows * cols * q.bits // 8), dtype="<u4")
+    scales, biases = _scales(rng, rows * cols // q.group_size, dtype)
+    return (packed.reshape(rows, -1), scales.reshape(rows, -1), biases.reshape(rows, -1))
+
+
+def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int,
+            q: Quantization | None = None) -> np.ndarray:
+    """The value of a non-FFN tensor: norms weight 1, biases 0, matrices random (seeded by name).
+    With `q`, `name` is one of a quantized layer's weight (packed), scales or biases: that part
+    of `_quantized` (seeded by the layer's name, so the three agree)."""
+    if q is not None:
+        stem, _, kind = name.rpartition(".")
+        cols = shape[1] * 32 // q.bits if kind == "weight" else shape[1] * q.group_size
+        rng = np.random.default_rng([seed, zlib.crc32(stem.encode())])
+        return _quantized(rng, shape[0], cols, q, dtype)[("weight", "scales", "biases").index(kind)]
     n = int(np.prod(shape))
     if name.endswith("norm.weight"):
         fill = 1.0 if dtype == "float32" else ONE[dtype]
@@ -67,8 +105,16 @@ def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndar
 
 
 def _layer_records(m: fmt.Manifest, layer: int, seed: int) -> np.ndarray:
-    """(ffn, record_bytes / itemsize) records of one layer: random payload, zero padding."""
+    """(ffn, record_bytes / itemsize) records of one layer (uint8 (ffn, record_bytes) when
+    quantized): random payload, zero padding."""
     rng = np.random.default_rng([seed, 1_000_003, layer])
+    if m.quantization is not None:
+        records = np.zeros((m.ffn_dim, m.record_bytes), dtype=np.uint8)
+        for part in m.parts:
+            lo, hi = part.span
+            triple = _quantized(rng, m.ffn_dim, m.d_model, m.part_quantization(part), m.dtype)
+            records[:, lo:hi] = np.concatenate([a.view(np.uint8) for a in triple], axis=1)
+        return records
     payload = m.payload_bytes // m.itemsize
     records = np.zeros((m.ffn_dim, m.record_bytes // m.itemsize), dtype=m.np_dtype)
     records[:, :payload] = _random_values(rng, m.ffn_dim * payload, m.dtype).reshape(m.ffn_dim, -1)
@@ -116,12 +162,17 @@ def write_synthetic_flash(
     out: str | Path, d_model: int = 4096, ffn_dim: int = 16384, layers: int = 32,
     vocab: int = 50272, max_pos: int = 2048, dtype: str = "bfloat16", align: int = 4096,
     checkpoint: str | Path | None = None, seed: int = 0, force: bool = False,
-    spec: dict | None = None, progress: bool = False,
+    spec: dict | None = None, progress: bool = False, quantize: int | None = None,
+    group_size: int = 64, float_resident: bool = False,
 ) -> Path:
     """Write the flash dir `out` (atomically, via `out.partial`) and optionally an HF checkpoint
     with the same weights; returns `out`. `spec`: synthetic predictor parameters (default
-    `synthetic_spec()`)."""
+    `synthetic_spec()`). `quantize`: bits of quantized records (and, unless `float_resident`,
+    of the attention projections and token embedding)."""
     out = Path(out)
+    q = None if quantize is None else Quantization(quantize, group_size)
+    if q is not None and checkpoint:
+        raise SystemExit("--checkpoint writes float weights: not with --quantize")
     tokens = len(json.loads((EMBEDDED / "tokenizer.json").read_text())["model"]["vocab"])
     if vocab < tokens:
         raise SystemExit(f"--vocab {vocab} is below the tokenizer's {tokens} tokens")
@@ -146,7 +197,19 @@ def write_synthetic_flash(
         block += [(p + "fc1.bias", (ffn_dim,)), (p + "fc2.bias", (d_model,))]
         per_layer.append(block)
     resident = {n: (dtype, s) for n, s in sorted(names + [x for b in per_layer for x in b])}
+    quantized = set()  # the resident tensors of quantized layers, as mlx-lm names them
+    if q is not None and not float_resident:
+        for n in [n for n, (_, s) in resident.items() if _quantizable(n)]:
+            rows, cols = resident.pop(n)[1]
+            stem = n.removesuffix(".weight")
+            resident[f"{stem}.weight"] = ("uint32", (rows, cols * q.bits // 32))
+            for kind in ("scales", "biases"):
+                resident[f"{stem}.{kind}"] = (dtype, (rows, cols // q.group_size))
+            quantized |= {f"{stem}.{kind}" for kind in ("weight", "scales", "biases")}
+        resident = dict(sorted(resident.items()))
+        config["quantization"] = config["quantization_config"] = q.kwargs
 
+    payload = sum(p.nbytes for p in fmt.make_parts("opt", d_model, dtype, q))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -156,7 +219,8 @@ def write_synthetic_flash(
             partial, "opt", dtype, d_model, ffn_dim, layers, alignment=align,
             biases={"fc1", "fc2"}, resident_tensors=resident,
             source=str(Path(checkpoint).resolve()) if checkpoint else "synthetic",
-            created_by="tools/synthetic_flash.py", packed=False,
+            created_by="tools/synthetic_flash.py", quantization=q,
+            packed=q is not None and choose_packed(payload, align),
         )
         hf = None
         if checkpoint:
@@ -199,7 +263,7 @@ def write_synthetic_flash(
         sink = _Sink(m.resident_path)
         sink.write(_safetensors_header([(n, d, s) for n, (d, s) in resident.items()]))
         for n, (_, s) in resident.items():
-            sink.write(_tensor(n, s, dtype, seed))
+            sink.write(_tensor(n, s, dtype, seed, q if n in quantized else None))
         m = dataclasses.replace(m, resident_bytes=sink.close())
         for target in [partial] + ([hf_partial] if hf_partial else []):
             (target / "config.json").write_text(json.dumps(config, indent=1))
@@ -223,6 +287,12 @@ def write_synthetic_flash(
     return out
 
 
+def _quantizable(name: str) -> bool:
+    """Whether mlx-lm would quantize the layer of resident weight `name` (linear layers and
+    the token embedding; not the learned positions, whose table is not a lookup of tokens)."""
+    return name.endswith(("_proj.weight", "embed_tokens.weight"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
@@ -235,11 +305,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(FLOATS))
     ap.add_argument("--align", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize", type=int, choices=(4, 8), help="quantized records of BITS")
+    ap.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    ap.add_argument("--float-resident", action="store_true",
+                    help="with --quantize: keep attention and embeddings in --dtype")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     t = time.time()
     out = write_synthetic_flash(a.out, a.d_model, a.ffn_dim, a.layers, a.vocab, a.max_pos, a.dtype,
-                                a.align, a.checkpoint, a.seed, a.force, progress=True)
+                                a.align, a.checkpoint, a.seed, a.force, progress=True,
+                                quantize=a.quantize, group_size=a.group_size,
+                                float_resident=a.float_resident)
     print(f"wrote {out} in {time.time() - t:.0f} s" + (f" (and {a.checkpoint})" if a.checkpoint else ""))
 
 
