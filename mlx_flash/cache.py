@@ -8,7 +8,8 @@ With `parts` (byte spans of the record), the cache keeps only those spans, each 
 its own: (capacity, span) per part, no padding, so the FFN multiplies exactly the payload. Reads
 then land in a staging buffer first and the spans are copied out (a memcpy per missing record).
 With `decode` as well, the matrices hold what `decode` makes of the staged records instead
-(dequantized values of quantized records: `widths` gives each matrix's row bytes).
+(dequantized values of quantized records: `widths` gives each matrix's row bytes), `decode_rows`
+records at a time.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class NeuronCache:
         self, capacity: int, record_bytes: int, n_neurons: int, alignment: int | None = None,
         parts: list[tuple[int, int]] | None = None, staging: np.ndarray | None = None,
         decode: Callable[[np.ndarray], list[np.ndarray]] | None = None,
-        widths: list[int] | None = None,
+        widths: list[int] | None = None, decode_rows: int | None = None,
     ):
         if capacity < 1 or n_neurons < 1:
             raise ValueError(f"capacity={capacity} and n_neurons={n_neurons} must be >= 1")
@@ -67,6 +68,7 @@ class NeuronCache:
                                  "buffer for its reads")
             self._staging = staging
             self._decode = decode or (lambda rows: [rows[:, lo:hi] for lo, hi in parts])
+            self._decode_rows = decode_rows or len(staging)  # staged records decoded at a time
             widths = widths if decode is not None else [hi - lo for lo, hi in parts]
             held = [aligned_empty(capacity, w, alignment) for w in widths]
             self.part_storage = [arr for arr, _ in held]  # (capacity, span) uint8 each
@@ -161,10 +163,10 @@ class NeuronCache:
         for a in range(0, len(ids), len(stage)):
             chunk = ids[a : a + len(stage)]
             reader.read(layer_offset, chunk, stage[: len(chunk)])
-            rows = slice(start + a, start + a + len(chunk))
-            for piece, matrix in zip(self._decode(stage[: len(chunk)]), self._matrices,
-                                     strict=True):
-                matrix[rows] = piece
+            for b in range(0, len(chunk), self._decode_rows):
+                e = min(b + self._decode_rows, len(chunk))
+                for piece, matrix in zip(self._decode(stage[b:e]), self._matrices, strict=True):
+                    matrix[start + a + b : start + a + e] = piece
 
     def _make_room(self, need: int, step: int) -> int:
         """Delete the `need` least recently active rows that are not active at `step`."""

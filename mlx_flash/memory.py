@@ -16,6 +16,11 @@ _UNITS = {
 }
 # Prefill and naive mode stream whole layers through one buffer of at most this size.
 STREAM_CHUNK_BYTES = 4 << 20
+# A dequantized cache (quantized records, `--compute dequantized`) dequantizes what it inserts
+# this many records at a time: MLX's CPU dequantize holds about 5.3x its output at its peak
+# (measured: 22.2 MB for a (2048, 1024) bfloat16 result); the budget counts one piece of it.
+DEQUANT_ROWS = 128
+DEQUANT_PEAK = 6
 _FORMS = "bytes with a unit (8GB, 512MiB, 8B), a fraction of RAM (0.5, 25%) or of the model (50%model)"
 
 
@@ -138,6 +143,10 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
     model = m.resident_bytes + m.num_layers * m.ffn_dim * m.payload_bytes  # its bytes on disk
     # the stream buffer, and for packed records the reader's scratch blocks as large again
     buffers = stream_rows(m) * m.record_bytes * (2 if m.packed else 1)
+    if m.quantization is not None:  # a chunk's parts made contiguous for quantized_matmul
+        buffers += stream_rows(m) * m.payload_bytes
+    if compute == "dequantized":  # one piece being dequantized: MLX's transient + its values
+        buffers += DEQUANT_ROWS * (DEQUANT_PEAK + 1) * d_float * len(m.parts)
     return Budget(
         total=parse_memory(memory, model), model=model, resident=m.resident_bytes,
         kv_cache=_kv_bytes(config, m, max_context), buffers=buffers,
