@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -84,6 +85,14 @@ def _quantized(rng: np.random.Generator, rows: int, cols: int, q: Quantization, 
     return (packed.reshape(rows, -1), scales.reshape(rows, -1), biases.reshape(rows, -1))
 
 
+@functools.lru_cache(maxsize=1)  # its three tensors are written one after another (sorted)
+def _quantized_layer(stem: str, rows: int, cols: int, q: Quantization, dtype: str, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_quantized` of the resident layer `stem`, seeded by its name."""
+    return _quantized(np.random.default_rng([seed, zlib.crc32(stem.encode())]), rows, cols, q,
+                      dtype)
+
+
 def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int,
             q: Quantization | None = None) -> np.ndarray:
     """The value of a non-FFN tensor: norms weight 1, biases 0, matrices random (seeded by name).
@@ -92,8 +101,8 @@ def _tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int,
     if q is not None:
         stem, _, kind = name.rpartition(".")
         cols = shape[1] * 32 // q.bits if kind == "weight" else shape[1] * q.group_size
-        rng = np.random.default_rng([seed, zlib.crc32(stem.encode())])
-        return _quantized(rng, shape[0], cols, q, dtype)[("weight", "scales", "biases").index(kind)]
+        return _quantized_layer(stem, shape[0], cols, q, dtype, seed)[
+            ("weight", "scales", "biases").index(kind)]
     n = int(np.prod(shape))
     if name.endswith("norm.weight"):
         fill = 1.0 if dtype == "float32" else ONE[dtype]
