@@ -52,7 +52,8 @@ class Study:
         self.levels: list[float] = [0.0] * layers  # cats-layers
         self.t_gate = np.zeros((layers, len(LEVELS)))
         self.t_prod = np.zeros((layers, len(LEVELS)))
-        self.record: list[list] | None = None  # calibration: per layer (|g|, |h|) samples
+        self.record: list[list] | None = None  # calibration: per layer (g, h, u) samples
+        self.errors = np.zeros((layers, len(LEVELS)))  # cats relative output error (cats-layers)
         self.kept = self.seen = 0
 
 
@@ -70,7 +71,7 @@ class StudyMLP(nn.Module):
         g = np.array(self._act(mx.array(u @ self._wg)))
         h = g * (u @ self._wu)
         if st.record is not None:
-            st.record[layer].append((np.abs(g), np.abs(h), u))
+            st.record[layer].append((g, h))
         if st.rule != "dense":
             keep = self._keep(g, h)
             keep[:PROMPT] = True  # the prompt runs with every neuron
@@ -123,18 +124,15 @@ def calibrate_thresholds(model, study: Study, rows: np.ndarray, mlps: list[Study
     study.rule = "dense"
     for row in rows:
         mx.eval(model(mx.array(row[None])))
-    study.errors = np.zeros((len(mlps), len(LEVELS)))
     for layer, samples in enumerate(study.record):
-        g = np.concatenate([s[0] for s in samples])
+        g = np.abs(np.concatenate([s[0] for s in samples]))
         h = np.concatenate([s[1] for s in samples])
-        u = np.concatenate([s[2] for s in samples])
         study.t_gate[layer] = np.quantile(g, LEVELS)
-        study.t_prod[layer] = np.quantile(h, LEVELS)
-        mlp = mlps[layer]
-        full = (np.array(mlp._act(mx.array(u @ mlp._wg))) * (u @ mlp._wu))
-        y = full @ mlp._wd
+        study.t_prod[layer] = np.quantile(np.abs(h), LEVELS)
+        wd = mlps[layer]._wd
+        y = h @ wd
         for i, t in enumerate(study.t_gate[layer]):
-            err = (full * (g > t)) @ mlp._wd - y
+            err = (h * (g > t)) @ wd - y
             study.errors[layer, i] = float(np.linalg.norm(err) / np.linalg.norm(y))
     study.record = None
 
