@@ -25,6 +25,7 @@ from . import hub, models, platform, quant
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, to_storage
 from .errors import CheckpointError, FlashError
+from .experts import ExpertView
 from .gguf import GGUFCheckpoint, is_gguf
 from .platform import evict_from_page_cache
 from .quant import Quantization
@@ -85,6 +86,9 @@ def convert(
     out = Path(out) if out is not None else default_out(source)
     _check_out(out, force)  # before any download
     ckpt = GGUFCheckpoint(source) if is_gguf(source) else _hf_checkpoint(source, out, progress)
+    arch = ckpt.config.get("model_type")
+    if arch in models.supported() and models.flash_spec(arch).experts:
+        ckpt = ExpertView(ckpt, models.flash_spec(arch))  # experts stacked per record part
     plan = _plan(ckpt, dtype, quantize, group_size)
     if align is None:
         align = max(platform.direct_io_alignment(), fmt.MIN_ALIGNMENT)
@@ -141,6 +145,7 @@ class _Plan:
     ffn: frozenset[str]  # normalised names of the FFN weight matrices (go to ffn.bundles)
     quantization: Quantization | None  # of the records (and of resident layers we quantize)
     quantizable: frozenset[str]  # resident weights of layers mlx-lm can quantize
+    experts: int | None = None  # MoE: routed experts per layer (ffn_dim counts all their neurons)
 
     @property
     def payload_bytes(self) -> int:
@@ -172,6 +177,10 @@ def _plan(ckpt: Checkpoint | GGUFCheckpoint, dtype: str | None, quantize: int | 
             raise CheckpointError(f"{ckpt.path}/config.json: {key} is {value!r}, expected a positive int")
         dims.append(value)
     d, ffn, layers = dims
+    ffn = spec.neurons(config)  # every routed expert's neurons, for an MoE
+    if not isinstance(ffn, int) or ffn <= 0:
+        raise CheckpointError(f"{ckpt.path}/config.json: {spec.experts[0]} is "
+                              f"{spec.num_experts(config)!r}, expected a positive int")
     names = {spec.checkpoint_key(k): k for k in ckpt.keys()}
     sources = tuple((f"{module}.weight", chunk, chunks)
                     for module, chunk, chunks in (p.source() for p in spec.parts))
@@ -218,7 +227,7 @@ def _plan(ckpt: Checkpoint | GGUFCheckpoint, dtype: str | None, quantize: int | 
             and hasattr(modules.get(n[: -len(".weight")]), "to_quantized")
             and len(ckpt.shape(names[n])) == 2 and ckpt.shape(names[n])[-1] % q.group_size == 0)
     return _Plan(arch, target, d, ffn, layers, names, frozenset(biases), sources,
-                 frozenset(ffn_names), q, quantizable)
+                 frozenset(ffn_names), q, quantizable, spec.num_experts(config))
 
 
 def _target_quantization(ckpt, ffn_weight: str, quantize: int | None,
@@ -284,6 +293,7 @@ def _write(ckpt: Checkpoint | GGUFCheckpoint, plan: _Plan, out: Path, source: st
         alignment=align, biases=set(plan.biases),
         resident_tensors={n: (d, s) for n, (d, s, _) in resident.items()},
         source=source, created_by=_created_by(), quantization=plan.quantization, packed=packed,
+        experts=plan.experts,
     )
     name = Path(source).name or source
     sums = _write_bundles(ckpt, plan, m, desc=f"convert {name}", progress=progress)

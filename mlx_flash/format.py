@@ -154,7 +154,7 @@ def read_manifest(path: str | Path) -> Manifest:
     except ValueError as e:
         raise _fail(MANIFEST, "alignment", str(e)) from None
 
-    _check_config(root, arch, dims)
+    experts = _check_config(root, arch, dims, obj.get("experts"))
     quantization = _check_quantization(obj, version, d_model)
     parts = _check_parts(obj, arch, d_model, dtype, quantization, version)
     record_bytes = _get(obj, "record_bytes", int)
@@ -184,7 +184,7 @@ def read_manifest(path: str | Path) -> Manifest:
 
     known = {"magic", "format_version", "architecture", "dtype", "d_model", "ffn_dim", "num_layers",
              "alignment", "record_bytes", "record_parts", "ffn_file", "layers", "resident_file",
-             "source", "created_by", "quantization"}
+             "source", "created_by", "quantization", "experts"}
     manifest = Manifest(
         path=root, architecture=arch, dtype=dtype, d_model=d_model, ffn_dim=ffn_dim,
         num_layers=num_layers, alignment=alignment, record_bytes=record_bytes, parts=parts,
@@ -193,20 +193,28 @@ def read_manifest(path: str | Path) -> Manifest:
         quantization=quantization,
         source=obj.get("source") if isinstance(obj.get("source"), str) else None,
         created_by=obj.get("created_by") if isinstance(obj.get("created_by"), str) else None,
-        extra={k: v for k, v in obj.items() if k not in known},
+        extra={k: v for k, v in obj.items() if k not in known}, experts=experts,
     )
     _check_ffn_file(manifest)
     _check_resident_file(manifest)
     return manifest
 
 
-def _check_config(root: Path, arch: str, dims: dict[str, int]) -> None:
+def _check_config(root: Path, arch: str, dims: dict[str, int], experts) -> int | None:
+    """Check the manifest's dims against config.json; the routed experts' count of an MoE."""
     config = _load_json(root / CONFIG_FILE, CONFIG_FILE)
-    for ours, theirs in zip(("d_model", "ffn_dim", "num_layers"), models.flash_spec(arch).dims,
-                            strict=True):
-        if config.get(theirs) != dims[ours]:
+    spec = models.flash_spec(arch)
+    for ours, theirs in zip(("d_model", "ffn_dim", "num_layers"), spec.dims, strict=True):
+        want = spec.neurons(config) if ours == "ffn_dim" else config.get(theirs)
+        if want != dims[ours]:
+            if ours == "ffn_dim" and spec.experts:
+                theirs = f"{theirs} x {spec.experts[0]}"
             raise _fail(MANIFEST, ours, f"{dims[ours]} disagrees with {CONFIG_FILE} {theirs} = "
-                        f"{config.get(theirs)!r:.40}")
+                        f"{want!r:.40}")
+    if spec.num_experts(config) != experts:
+        raise _fail(MANIFEST, "experts", f"{experts!r:.40} disagrees with {CONFIG_FILE} "
+                    f"{(spec.experts or ('experts',))[0]} = {spec.num_experts(config)!r:.40}")
+    return experts
 
 
 def _check_quantization(obj: dict, version: int, d_model: int) -> Quantization | None:
@@ -428,6 +436,7 @@ def info(path: str | Path) -> dict[str, Any]:
         "dtype": m.dtype,
         "d_model": m.d_model,
         "ffn_dim": m.ffn_dim,
+        "experts": m.experts,
         "num_layers": m.num_layers,
         "alignment": m.alignment,
         "bundle_bytes": m.record_bytes,

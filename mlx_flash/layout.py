@@ -129,6 +129,12 @@ class Manifest:
     source: str | None = None
     created_by: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level keys, kept on rewrite
+    experts: int | None = None  # MoE: routed experts per layer, each ffn_dim / experts records
+
+    @property
+    def expert_ffn(self) -> int:
+        """Records of one routed expert (MoE), or of the whole layer."""
+        return self.ffn_dim // (self.experts or 1)
 
     @property
     def itemsize(self) -> int:
@@ -222,6 +228,8 @@ class Manifest:
             out["source"] = self.source
         if self.created_by is not None:
             out["created_by"] = self.created_by
+        if self.experts is not None:
+            out["experts"] = self.experts
         return out
 
     def ffn_header(self) -> bytes:
@@ -249,6 +257,7 @@ def new_manifest(
     created_by: str | None = None,
     quantization: Quantization | None = None,
     packed: bool = True,
+    experts: int | None = None,
 ) -> Manifest:
     """Lay out a new directory: record size, header size and layer offsets follow from the dims."""
     check_alignment(alignment)
@@ -265,5 +274,5 @@ def new_manifest(
         parts=parts, data_offset=data_offset,
         ffn_bytes=data_offset + num_layers * layer_bytes, layer_offsets=offsets,
         resident_bytes=resident_bytes, resident_tensors=dict(resident_tensors or {}),
-        quantization=quantization, source=source, created_by=created_by,
+        quantization=quantization, source=source, created_by=created_by, experts=experts,
     )

@@ -69,6 +69,8 @@ def stream_rows(manifest: Manifest) -> int:
     """Records per chunk when a whole layer streams through (prefill, naive): at most
     STREAM_CHUNK_BYTES and at most a quarter of a layer, so small models keep small buffers."""
     rows = min(STREAM_CHUNK_BYTES // manifest.record_bytes, -(-manifest.ffn_dim // 4))
+    if manifest.experts:  # whole experts, at least one
+        rows = max(1, rows // manifest.expert_ffn) * manifest.expert_ffn
     return max(1, rows)
 
 
@@ -100,8 +102,13 @@ class Budget:
         return self.total >= self.resident + self.kv_cache + self.dense_ffn
 
     @property
+    def free_for_cache(self) -> int:
+        """What the neuron caches may take: the budget less everything else."""
+        return self.total - self.resident - self.kv_cache - self.buffers - self.other
+
+    @property
     def capacity(self) -> int:
-        free = self.total - self.resident - self.kv_cache - self.buffers - self.other
+        free = self.free_for_cache
         return max(0, min(self.ffn_dim, free // (self.num_layers * self.neuron_bytes)))
 
     @property
@@ -120,6 +127,19 @@ class Budget:
                 f"--max-context (the KV cache for {self.max_context} tokens takes "
                 f"{format_bytes(self.kv_cache)})"
             )
+
+    def require_experts(self, expert_ffn: int, top_k: int) -> None:
+        """MoE: FlashError unless every layer's cache holds the `top_k` experts of one token."""
+        if self.capacity >= top_k * expert_ffn:
+            return
+        others = self.total - self.free_for_cache
+        need = top_k * expert_ffn * self.num_layers * self.neuron_bytes
+        raise FlashError(
+            f"memory budget {format_bytes(self.total)} is too small for this MoE: every layer "
+            f"must hold the {top_k} experts a token picks ({format_bytes(need)} in all) beside "
+            f"{format_bytes(others)} of resident weights, KV cache and buffers; give at least "
+            f"{format_bytes(others + need)} to --memory, or lower --max-context (the KV cache "
+            f"for {self.max_context} tokens takes {format_bytes(self.kv_cache)})")
 
     def as_dict(self, mode: str) -> dict:
         out = asdict(self)

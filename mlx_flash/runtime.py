@@ -392,7 +392,13 @@ def load(
         model, tokenizer = load_dense(path)
         model.flash = FlashState("dense", budget, max_context=max_context)
         return model, tokenizer
-    if mode in ("auto", "predicted"):
+    if manifest.experts:  # MoE: the router picks the experts exactly; nothing to calibrate
+        if mode == "hybrid":
+            raise FlashError("--mode hybrid keeps a share of a dense FFN resident; an MoE's "
+                             "experts stream in `auto` (routed) or `naive` mode")
+        mode = "naive" if mode == "naive" else "routed"
+        predictors = None
+    elif mode in ("auto", "predicted"):
         from .predictor import PREDICTORS_FILE, load_predictors
 
         if predictors is None and (mode == "predicted" or (path / PREDICTORS_FILE).exists()):
@@ -404,10 +410,16 @@ def load(
             mode = "oracle"
     else:
         predictors = None
+    top_k = config.get(models.flash_spec(manifest.architecture).top_k or "", 1)
     if capacity is None:
-        budget.require_flash()
+        if manifest.experts:  # whole experts, at least the top-k experts of one token
+            budget.require_experts(manifest.expert_ffn, top_k)
+        else:
+            budget.require_flash()
         capacity = budget.capacity
     capacity = max(1, min(capacity, manifest.ffn_dim))
+    if manifest.experts:
+        capacity = max(top_k, capacity // manifest.expert_ffn) * manifest.expert_ffn
     # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's
     # freed blocks would stay in the process beside the budget (a memory limit then kills it).
     mx.set_cache_limit(ALLOCATOR_CACHE_BYTES)
@@ -427,12 +439,18 @@ def load(
     rt.reader_profile = profile or "defaults (no probe profile for this volume)"
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
-            oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
-            layer.mlp = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
-                                 predictors[i] if predictors else None)
-            rt.layers.append(layer.mlp)
+            if manifest.experts:
+                from .moe import FlashExperts
+
+                ffn = FlashExperts(rt, i, capacity)
+            else:
+                oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
+                ffn = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
+                               predictors[i] if predictors else None)
+            _set_module(layer, rt.spec.module, ffn)
+            rt.layers.append(ffn)
             if mode == "hybrid":  # the budget's share stays resident: the first neurons
-                layer.mlp.cache.ensure(np.arange(capacity), 0, rt.reader, layer.mlp.offset)
+                ffn.cache.ensure(np.arange(capacity), 0, rt.reader, ffn.offset)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     # The resident weights now live in MLX memory; their page-cache copy would only press on a
@@ -441,6 +459,15 @@ def load(
     model.eval()
     model.flash = FlashState(mode, budget, rt, capacity, max_context)
     return model, load_tokenizer(path)
+
+
+def _set_module(layer: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at the dotted attribute `path` of a decoder layer (`mlp`,
+    `block_sparse_moe.switch_mlp`)."""
+    *parents, name = path.split(".")
+    for attr in parents:
+        layer = getattr(layer, attr)
+    setattr(layer, name, module)
 
 
 def _oracle(m: Manifest, layer: int, biases: dict, f) -> tuple[mx.array, mx.array | None]:

@@ -29,6 +29,7 @@ class RecordPart:
     module: str
     axis: str  # "row" or "column"
     fused: tuple[str, int, int] | None = None
+    expert: str | None = None  # MoE: one expert's module in HF checkpoints, `{expert}` its index
 
     def source(self) -> tuple[str, int, int]:
         """(checkpoint module, chunk, chunks): where the converter reads this part's weight."""
@@ -46,6 +47,14 @@ class FlashSpec:
     `dims`: config.json keys of (d_model, ffn_dim, num_layers). `activation(config)`: the HF name
     of the FFN activation. `checkpoint_key(name)`: a checkpoint tensor name in the normal HF
     spelling the parts use (e.g. a missing `model.` prefix added); `Model.sanitize` starts from it.
+
+    Mixture of experts: `experts` are the config keys of the routed experts' count (the first
+    one present counts), and a layer's
+    records are its experts' FFN neurons, expert-major (expert e holds neurons e*F..(e+1)*F-1,
+    F = the `dims[1]` config value); the parts' modules are the stacked (experts, ...) matrices
+    of mlx-lm's `SwitchGLU`, each part's `expert` the per-expert module of HF checkpoints.
+    `module` is the attribute path, in a decoder layer, of what the flash runtime replaces: the
+    MLP, or the MoE block's `SwitchGLU` (called with the router's indices).
     """
 
     dims: tuple[str, str, str]
@@ -53,6 +62,25 @@ class FlashSpec:
     hidden: Callable[[dict[str, Any], Callable], Any]
     activation: Callable[[dict], str]
     checkpoint_key: Callable[[str], str] = lambda name: name
+    experts: tuple[str, ...] = ()
+    top_k: str | None = None  # MoE: config key of the experts each token picks
+    module: str = "mlp"
+
+    def num_experts(self, config: dict) -> int | None:
+        """The routed experts' count in `config` (None: not an MoE, or the count is missing)."""
+        for key in self.experts:
+            if key in config:
+                return config[key]
+        return None
+
+    def neurons(self, config: dict) -> int | None:
+        """Records per layer: the FFN's neurons, or every routed expert's (MoE); None when
+        config.json lacks a dimension."""
+        ffn = config.get(self.dims[1])
+        if not self.experts or not isinstance(ffn, int):
+            return ffn
+        experts = self.num_experts(config)
+        return ffn * experts if isinstance(experts, int) else None
 
     @property
     def row_parts(self) -> tuple[RecordPart, ...]:
