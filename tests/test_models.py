@@ -15,6 +15,8 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_flash import format as fmt
+from mlx_flash.bench.mmap import _mapped_model
+from mlx_flash.bench.worker import _decode
 from mlx_flash.calibrate import calibrate
 from mlx_flash.convert import convert
 from mlx_flash.loader import load_model
@@ -142,3 +144,15 @@ def test_calibrate_drives_the_blocks(flash_dir, tmp_path):
     calibrate(path, CORPUS / "fixture-val.txt", tokens=1024, seq_len=64, progress=False)
     model, _ = load(path, memory="1GB", mode="predicted")
     assert len(model.flash.runtime.layers) == len(model.layers)
+
+
+def test_mmap_baseline_computes_the_dense_model(case):
+    """The bench's mmap baseline runs on every type (phi3's fused gate_up_proj is mapped as two
+    views): the dense model's logits through the KV cache, and the bench worker's decode loop."""
+    path, ids = case[0], case[1]
+    mapped, tokenizer, counters = _mapped_model(path)
+    logits, tokens = _greedy(mapped, ids)
+    want_logits, want_tokens = _greedy(load_model(path), ids)
+    assert np.array_equal(logits, want_logits) and tokens == want_tokens
+    assert counters.seconds > 0
+    assert len(_decode(mapped, tokenizer, "The open() function", 2, "mmap")[1]) == 2

@@ -47,6 +47,34 @@ class _Source:
         self.tensors, self.empty, self.mapped = tensors, empty, mapped
 
 
+def _split_fused(views: dict, spec) -> dict:
+    """`views` with each fused tensor (phi3's `gate_up_proj`) replaced by its parts' views under
+    their own HF names: row slices of the mapping, so nothing is copied (`sanitize`, which splits
+    it otherwise, would need the tensor in memory)."""
+    fused = defaultdict(list)  # fused module pattern -> [(part module pattern, chunk, chunks)]
+    for p in spec.parts:
+        if p.fused:
+            module, chunk, chunks = p.fused
+            fused[module].append((p.module, chunk, chunks))
+    if not fused:
+        return views
+    patterns = [(re.compile(r"(\d+)".join(map(re.escape, module.split("{layer}"))) + r"\.(\w+)"),
+                 parts) for module, parts in fused.items()]
+    out = {}
+    for name, (view, dtype) in views.items():
+        key = spec.checkpoint_key(name)
+        hit = next(((m, parts) for pat, parts in patterns if (m := pat.fullmatch(key))), None)
+        if hit is None:
+            out[name] = (view, dtype)
+            continue
+        m, parts = hit
+        layer, kind = m.groups()
+        for module, chunk, chunks in parts:
+            n = view.shape[0] // chunks  # (chunks * ffn, d): chunk `chunk` of the rows
+            out[f"{module.format(layer=layer)}.{kind}"] = (view[chunk * n : (chunk + 1) * n], dtype)
+    return out
+
+
 def _mapped_layer_class():
     import mlx.core as mx
     import mlx.nn as nn
@@ -89,10 +117,12 @@ def _mapped_model(ckpt: Path):
     from mlx.utils import tree_map
 
     from .. import format as fmt
+    from .. import models
     from ..checkpoint import load_config
     from ..loader import build_model, load_tokenizer
 
-    model = build_model(load_config(ckpt))
+    config = load_config(ckpt)
+    model = build_model(config)
     views = {}
     for f in _checkpoint_files(ckpt):
         header, start = fmt.read_safetensors_header(f, f.name)
@@ -104,6 +134,7 @@ def _mapped_model(ckpt: Path):
                 raise FlashError(f"{f}: {name} is {e['dtype']}; the mmap baseline maps floats only")
             view = mapping[start + lo : start + hi].view(dtype.storage).reshape(e["shape"])
             views[name] = (view, dtype.name)
+    views = _split_fused(views, models.flash_spec(config["model_type"]))
     by_layer, rest = defaultdict(list), {}
     for name, (view, dtype) in views.items():
         m = re.search(r"\.layers\.(\d+)\.", name)

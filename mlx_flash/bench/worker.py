@@ -22,9 +22,10 @@ def _decode(model, tokenizer, prompt: str, tokens: int, label: str,
             after_prefill: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
     """Greedy prefill + `tokens` decode steps through a KV cache; (prefill s, seconds per token)."""
     import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
 
     ids = tokenizer.encode(prompt)
-    cache = model.make_cache()
+    cache = make_prompt_cache(model)  # mlx-lm's qwen2, qwen3, olmo2 have no make_cache
     t0 = time.perf_counter()
     y = int(mx.argmax(model(mx.array([ids]), cache=cache)[0, -1]))
     prefill = time.perf_counter() - t0
