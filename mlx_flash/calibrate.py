@@ -312,6 +312,9 @@ def calibrate(
     """
     start = time.perf_counter()
     m = fmt.read_manifest(path)
+    if m.experts:
+        raise FlashError(f"{path}: a mixture of experts: its router picks the experts exactly, so "
+                         "there are no predictors to train (generate streams the routed experts)")
     config = load_config(m.path)
     act_name = models.flash_spec(m.architecture).activation(config)
     relu = activations.is_exact_sparse(act_name)

@@ -212,3 +212,13 @@ def test_quantized_experts_from_an_mlx_lm_dir(mlx_q4):
         logits, tokens = _greedy(model, ids)
         assert np.abs(logits - ref).max() <= TOL, (mode, compute)
         assert tokens == ref_tokens, (mode, compute)
+
+
+def test_calibrate_says_an_moe_needs_no_predictors(flash_dir):
+    from mlx_flash.calibrate import calibrate
+
+    from .conftest import CORPUS
+
+    with pytest.raises(FlashError, match="router picks the experts exactly"):
+        calibrate(flash_dir, CORPUS / "fixture-val.txt", tokens=256, seq_len=64, progress=False)
+    assert not (flash_dir / "predictors.safetensors").exists()
