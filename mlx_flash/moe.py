@@ -12,6 +12,10 @@ requests.
   append whole experts, evictions move whole experts: see `NeuronCache`); the cache keeps the
   least recently used experts out when the budget is full. The products run with
   `gather_mm`/`gather_qmm` over the cache viewed as (slots, F, d): no copy of the layer.
+- Lookahead (decode): layer l applies layer l+1's router to its own input, and the experts that
+  guess names and the cache lacks are read in a background thread while layer l computes, into a
+  buffer of one token's experts; layer l+1 takes the ones its router really chose from there and
+  reads the rest itself. A wrong guess costs bandwidth, never correctness.
 - Prefill (many tokens) and `naive` mode: expert-major. The experts any token chose are read once
   per call, as many at a time as the stream buffer holds, and each group's tokens are multiplied
   by them together.
@@ -20,21 +24,30 @@ requests.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
 
 from .runtime import FlashMLP
+from .storage import ReadStats, aligned_empty
 
 
 class FlashExperts(FlashMLP):
     """The routed experts of one MoE layer; `__call__(x, indices)` as mlx-lm's `SwitchGLU`."""
 
-    def __init__(self, rt, layer: int, capacity: int):
+    def __init__(self, rt, layer: int, capacity: int, lookahead: Lookahead | None = None):
         super().__init__(rt, layer, capacity, {})
         m = rt.manifest
         self.experts, self.expert_ffn = m.experts, m.expert_ffn
         self._neurons = np.arange(self.expert_ffn)
+        self._lookahead = lookahead
+        self._next = _Next(None, None)  # the next layer and its router (not child modules)
+        self._pending = None  # (guess, missing, future): this layer's reads started early
+
+    def link(self, nxt: FlashExperts, router) -> None:
+        """Guess `nxt`'s experts with `router` (its block's) while this layer computes."""
+        self._next = _Next(nxt, router)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # Host sync: the router's choice decides the reads (and the cache may be written below).
@@ -108,16 +121,27 @@ class FlashExperts(FlashMLP):
     def _decode_experts(self, x: mx.array, chosen: np.ndarray) -> mx.array:
         rt = self._rt
         t0 = time.perf_counter()
+        early, wait_s, reader = ReadStats(), 0.0, rt.reader
+        if self._pending is not None:  # the previous layer's guess: take what it read
+            guess, missing, future = self._pending
+            self._pending = None
+            early = future.result()
+            wait_s = time.perf_counter() - t0
+            reader = self._lookahead.reader(guess, missing, chosen)
         before = rt.reader.snapshot()
-        stats = self.cache.ensure(self._ids(np.unique(chosen)), self._step, rt.reader,
-                                  self.offset)
+        stats = self.cache.ensure(self._ids(np.unique(chosen)), self._step, reader, self.offset)
         self._step += 1
         slots = self.cache.row_of[chosen * self.expert_ffn] // self.expert_ffn
         mats, quantized = self._cache_mats()
         y = self._glu(x, mx.array(slots[None].astype(np.int32)), mats, quantized)
         io = rt.reader.delta(before)
-        cache_s = time.perf_counter() - t0 - io.seconds
-        self._count_decode(io, 0.0, cache_s, stats.hits, stats.misses, stats.evicted)
+        t1 = time.perf_counter()
+        if self._next.layer is not None and self._lookahead is not None:
+            self._lookahead.start(self._next, x, chosen.shape[-1])
+        predict_s = time.perf_counter() - t1  # the next router's guess and its readback
+        cache_s = t1 - t0 - io.seconds - wait_s
+        self._count_decode(io + early, predict_s, cache_s, stats.hits, stats.misses,
+                           stats.evicted, wait_s=io.seconds + wait_s)
         return y[0].astype(x.dtype)
 
     def _expert_major(self, x: mx.array, chosen: np.ndarray, count_as_prefill: bool
@@ -161,3 +185,70 @@ class FlashExperts(FlashMLP):
         for row in chosen:
             self.cache.ensure(self._ids(np.unique(row)), self._step, self._rt.reader, self.offset)
             self._step += 1
+
+
+class Lookahead:
+    """The reads of the experts a layer is guessed to pick, in flight while the layer before it
+    computes (see the module docstring). One per model: a background thread, and a buffer that
+    holds one token's experts."""
+
+    def __init__(self, rt, top_k: int):
+        m = rt.manifest
+        self._rt, self.top_k, self.expert_ffn = rt, top_k, m.expert_ffn
+        self.buffer = aligned_empty(top_k * m.expert_ffn, m.record_bytes)[1]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-lookahead")
+
+    def start(self, nxt: _Next, x: mx.array, k: int) -> None:
+        """Guess the next layer's experts from x (this layer's input) with its router, and read
+        the ones its cache lacks in the background."""
+        layer = nxt.layer
+        logits = nxt.router(x).reshape(-1)
+        guess = np.sort(np.argpartition(-np.array(logits.astype(mx.float32)), k - 1)[:k])
+        F = self.expert_ffn
+        missing = guess[layer.cache.row_of[guess * F] < 0]
+        layer._pending = (guess, missing, self._pool.submit(self._read, layer, missing))
+
+    def _read(self, layer: FlashExperts, missing: np.ndarray) -> ReadStats:
+        reader = self._rt.reader  # the decode thread waits for this before reading itself
+        before = reader.snapshot()
+        reader.read(layer.offset, layer._ids(missing), self.buffer[: len(missing) * self.expert_ffn])
+        return reader.delta(before)
+
+    def reader(self, guess: np.ndarray, missing: np.ndarray, chosen: np.ndarray) -> _Buffered:
+        """What the guessed layer reads its missing experts with: the read-ahead ones from the
+        buffer, the rest from the file; counts the guess's hits."""
+        stats = self._rt.stats
+        stats.guessed += len(guess)
+        stats.guessed_right += len(np.intersect1d(guess, chosen))
+        return _Buffered(self, missing, self._rt.reader)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _Next:
+    """A layer's successor and that one's router, kept out of the module tree."""
+
+    def __init__(self, layer: FlashExperts | None, router):
+        self.layer, self.router = layer, router
+
+
+class _Buffered:
+    """A reader that takes the records of the experts `held` (sorted) from the lookahead buffer,
+    where they lie in that order, and reads the others from the file."""
+
+    def __init__(self, lookahead: Lookahead, held: np.ndarray, reader):
+        self._la, self._held, self._reader = lookahead, held, reader
+
+    def read(self, layer_offset: int, ids: np.ndarray, out: np.ndarray) -> None:
+        F, held = self._la.expert_ffn, self._held
+        pos = np.searchsorted(held, ids // F)
+        inside = pos < len(held)
+        inside[inside] = held[pos[inside]] == ids[inside] // F
+        rest = np.flatnonzero(~inside)
+        if len(rest):  # read into the first rows (aligned), then moved to theirs
+            self._reader.read(layer_offset, ids[rest], out[: len(rest)])
+            if len(rest) < len(ids):
+                out[rest] = out[: len(rest)].copy()
+        take = np.flatnonzero(inside)
+        out[take] = self._la.buffer[pos[take] * F + ids[take] % F]

@@ -54,8 +54,11 @@ class FlashRuntime:
         # (rows, record) buffer through which whole layers and the overflow stream
         self.chunk, self.chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)
         self.layers: list[FlashMLP] = []
+        self.lookahead = None  # MoE: moe.Lookahead, the reads started a layer early
 
     def close(self) -> None:
+        if self.lookahead is not None:
+            self.lookahead.close()
         self.reader.close()
 
 
@@ -278,9 +281,13 @@ class FlashMLP(nn.Module):
             mx.eval(y)  # the stream buffer is overwritten next
         return y
 
-    def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted) -> None:
+    def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted,
+                      wait_s: float | None = None) -> None:
+        """Add one layer's decode figures; `wait_s`: the reading the decode waited for (all of
+        `io` unless some of it overlapped compute)."""
         s = self._rt.stats
         s.io = s.io + io
+        s.io_wait_s += io.seconds if wait_s is None else wait_s
         s.predict_s += predict_s
         s.cache_s += cache_s
         s.hits += hits
@@ -352,6 +359,7 @@ def load(
     bundled: bool = True,
     max_request_bytes: int | None = None,
     compute: str | None = None,
+    lookahead: bool = True,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -371,6 +379,8 @@ def load(
     `compute` (quantized records): `quantized` keeps cached neurons quantized and multiplies
     with `quantized_matmul`, `dequantized` dequantizes them on insert (float cache, counted in
     the budget); default by device (`quant.default_compute`).
+    `lookahead` (MoE): read the experts each layer's router is guessed to pick while the layer
+    before it computes (moe.py).
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -437,12 +447,19 @@ def load(
     rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled, compute)
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
     rt.reader_profile = profile or "defaults (no probe profile for this volume)"
+    ahead = None
+    if manifest.experts and lookahead and mode == "routed":
+        from .moe import Lookahead
+
+        ahead = rt.lookahead = Lookahead(rt, top_k)
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
             if manifest.experts:
                 from .moe import FlashExperts
 
-                ffn = FlashExperts(rt, i, capacity)
+                ffn = FlashExperts(rt, i, capacity, ahead)
+                if i:  # layer i-1 guesses this layer's experts with this router
+                    rt.layers[-1].link(ffn, _module(layer, rt.spec.router))
             else:
                 oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
                 ffn = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
@@ -461,13 +478,18 @@ def load(
     return model, load_tokenizer(path)
 
 
+def _module(layer: nn.Module, path: str) -> nn.Module:
+    """The module at the dotted attribute `path` of a decoder layer (`mlp.gate`)."""
+    for attr in path.split("."):
+        layer = getattr(layer, attr)
+    return layer
+
+
 def _set_module(layer: nn.Module, path: str, module: nn.Module) -> None:
     """Put `module` at the dotted attribute `path` of a decoder layer (`mlp`,
     `block_sparse_moe.switch_mlp`)."""
     *parents, name = path.split(".")
-    for attr in parents:
-        layer = getattr(layer, attr)
-    setattr(layer, name, module)
+    setattr(_module(layer, ".".join(parents)) if parents else layer, name, module)
 
 
 def _oracle(m: Manifest, layer: int, biases: dict, f) -> tuple[mx.array, mx.array | None]:

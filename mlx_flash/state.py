@@ -28,12 +28,15 @@ class FlashStats:
     timed_tokens: int = 0  # of those, the ones whose wall time is known (next token started)
     token_s: float = 0.0
     io: ReadStats = field(default_factory=ReadStats)
+    io_wait_s: float = 0.0  # of io.seconds, what the decode waited for (the rest overlapped)
     cache_s: float = 0.0
     predict_s: float = 0.0
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     overflow: int = 0  # active neurons read past the cache because it was full
+    guessed: int = 0  # MoE lookahead: experts guessed for the next layer
+    guessed_right: int = 0  # of those, the ones its router then chose
     prefill_tokens: int = 0
     prefill_io: ReadStats = field(default_factory=ReadStats)
     last_token_start: float | None = None
@@ -49,6 +52,7 @@ class FlashStats:
         """Figures per decode token (what `--json` and `bench` print)."""
         n = max(self.tokens, 1)
         io_ms, cache_ms = 1000 * self.io.seconds / n, 1000 * self.cache_s / n
+        wait_ms = 1000 * self.io_wait_s / n
         predict_ms = 1000 * self.predict_s / n
         token_ms = 1000 * self.token_s / self.timed_tokens if self.timed_tokens else None
         looked_up = self.hits + self.misses
@@ -58,10 +62,13 @@ class FlashStats:
             "read_requests_per_token": round(self.io.requests / n, 2),
             "read_gb_per_s": round(self.io.gb_per_s, 3),
             "io_ms_per_token": round(io_ms, 3),
+            "io_wait_ms_per_token": round(wait_ms, 3),
             "cache_ms_per_token": round(cache_ms, 3),
             "predict_ms_per_token": round(predict_ms, 3),
             "compute_ms_per_token": None if token_ms is None
-            else round(max(token_ms - io_ms - cache_ms - predict_ms, 0.0), 3),
+            else round(max(token_ms - wait_ms - cache_ms - predict_ms, 0.0), 3),
+            "lookahead_hit_rate": round(self.guessed_right / self.guessed, 4)
+            if self.guessed else None,
             "token_ms": None if token_ms is None else round(token_ms, 3),
             "tokens_per_s": None if token_ms is None else round(1000 / token_ms, 2),
             "cache_hit_rate": round(self.hits / looked_up, 4) if looked_up else None,

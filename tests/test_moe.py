@@ -222,3 +222,23 @@ def test_calibrate_says_an_moe_needs_no_predictors(flash_dir):
     with pytest.raises(FlashError, match="router picks the experts exactly"):
         calibrate(flash_dir, CORPUS / "fixture-val.txt", tokens=256, seq_len=64, progress=False)
     assert not (flash_dir / "predictors.safetensors").exists()
+
+
+def test_lookahead_changes_no_logit_and_reports_its_guesses(flash_dir, case):
+    """Reads started a layer early (the next router's guess) give the same logits as reads on
+    demand, with the cache at one token's experts (every token evicts) and at half the experts."""
+    ids = case[1]
+    for slots in (TOP_K, EXPERTS // 2):
+        runs = {}
+        for ahead in (False, True):
+            model, _ = load(flash_dir, memory="1GB", mode="oracle", lookahead=ahead,
+                            capacity=slots * EXPERT_FFN)
+            runs[ahead] = (_greedy(model, ids), model.flash.stats())
+        (plain, plain_tokens), plain_stats = runs[False]
+        (ahead, ahead_tokens), stats = runs[True]
+        assert np.array_equal(plain, ahead) and plain_tokens == ahead_tokens
+        assert plain_stats["lookahead_hit_rate"] is None
+        assert 0 <= stats["lookahead_hit_rate"] <= 1
+        assert stats["io_wait_ms_per_token"] <= stats["io_ms_per_token"]
+        print(f"{slots} slots: lookahead hit rate {stats['lookahead_hit_rate']}, bytes/token "
+              f"{stats['flash_bytes_per_token']} vs {plain_stats['flash_bytes_per_token']}")

@@ -40,6 +40,7 @@ def spec(block: str, ffn: str, experts: tuple[str, ...], expert_names: tuple[str
         experts=experts,
         top_k="num_experts_per_tok",
         module=f"{block}.switch_mlp",
+        router=f"{block}.gate",
     )
 
 

@@ -54,7 +54,8 @@ class FlashSpec:
     F = the `dims[1]` config value); the parts' modules are the stacked (experts, ...) matrices
     of mlx-lm's `SwitchGLU`, each part's `expert` the per-expert module of HF checkpoints.
     `module` is the attribute path, in a decoder layer, of what the flash runtime replaces: the
-    MLP, or the MoE block's `SwitchGLU` (called with the router's indices).
+    MLP, or the MoE block's `SwitchGLU` (called with the router's indices); `router` that of
+    the MoE block's router, whose logits' top-k are the experts a token picks.
     """
 
     dims: tuple[str, str, str]
@@ -65,6 +66,7 @@ class FlashSpec:
     experts: tuple[str, ...] = ()
     top_k: str | None = None  # MoE: config key of the experts each token picks
     module: str = "mlp"
+    router: str | None = None  # MoE: attribute path of the router (a Linear) in a decoder layer
 
     def num_experts(self, config: dict) -> int | None:
         """The routed experts' count in `config` (None: not an MoE, or the count is missing)."""
