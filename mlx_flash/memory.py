@@ -155,6 +155,8 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
     m = manifest
     d_float = m.d_model * m.itemsize
     neuron = len(m.parts) * d_float if compute == "dequantized" else m.payload_bytes
+    if m.experts and m.quantization is not None:  # cached scales and biases held as float32
+        neuron += len(m.parts) * 2 * (m.d_model // m.quantization.group_size) * (4 - m.itemsize)
     if m.quantization is None:
         dense_neuron = m.payload_bytes
     else:  # dense: gate/up stay quantized, the down column is held dequantized (format.py)

@@ -91,7 +91,7 @@ class FlashMLP(nn.Module):
         m = rt.manifest
         self._rt, self.layer = rt, layer
         self.offset = m.layer_offset(layer)
-        self.cache = _new_cache(rt, capacity)
+        self.cache = self._new_cache(rt, capacity)
         self._biases = _Biases(biases)
         self._oracle = oracle  # (W_in (ffn, d), bias or None): dense activation input, oracle mode
         self.predictor = predictor  # predictor.Predictor (or a stand-in) for predicted mode
@@ -102,6 +102,9 @@ class FlashMLP(nn.Module):
         self._qkw = {p.name: m.part_quantization(p).kwargs for p in m.parts
                      if m.quantization is not None}
         self._out_bias = biases.get(rt.spec.column_part.name)
+
+    def _new_cache(self, rt: FlashRuntime, capacity: int) -> NeuronCache:
+        return _new_cache(rt, capacity)
 
     # -- the FFN over a block of records -------------------------------------------------------
 
@@ -393,6 +396,11 @@ def load(
         raise FlashError(f"unknown compute {compute!r}; choose one of {', '.join(quant.COMPUTES)}")
     if manifest.quantization is None:
         compute = None
+    elif manifest.experts:  # an MoE's experts are multiplied quantized (moe.py)
+        if compute == "dequantized":
+            raise FlashError("--compute dequantized: an MoE's cached experts stay quantized "
+                             "(gather_qmm); leave --compute out")
+        compute = "quantized"
     elif compute is None:
         compute = quant.default_compute()
     if max_context is None:

@@ -12,6 +12,8 @@ restores the (experts, F, d) / (experts, d, F) shapes that `SwitchGLU` holds.
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from .base import FlashSpec, RecordPart
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -46,19 +48,27 @@ def spec(block: str, ffn: str, experts: tuple[str, ...], expert_names: tuple[str
 
 def unflatten(weights: dict, args, spec: FlashSpec) -> dict:
     """Stacked expert matrices that a flash dir rebuilt 2-D, back in `SwitchGLU`'s 3-D shapes
-    (quantized rows with their scales and biases); 3-D ones are left as they are."""
+    (quantized rows with their scales and biases); 3-D ones are left as they are.
+
+    Float experts are held in float32 on MLX's CPU backend, whose `gather_mm` (SwitchGLU's
+    product) takes nothing else; on a GPU they keep their dtype."""
     experts = spec.num_experts(vars(args))
+    widen = mx.default_device() == mx.cpu
     for layer in range(args.num_hidden_layers):
         for p in spec.parts:
             for kind in ("weight", "scales", "biases"):
                 name = f"{p.module.format(layer=layer)}.{kind}"
                 w = weights.get(name)
-                if w is None or w.ndim != 2:
+                if w is None:
                     continue
-                if p.axis == "row":  # (E*F, cols) -> (E, F, cols)
-                    weights[name] = w.reshape(experts, -1, w.shape[-1])
-                else:  # (d, E*F) -> (E, d, F)
-                    weights[name] = w.reshape(w.shape[0], experts, -1).transpose(1, 0, 2)
+                if w.ndim == 2 and p.axis == "row":  # (E*F, cols) -> (E, F, cols)
+                    w = w.reshape(experts, -1, w.shape[-1])
+                elif w.ndim == 2:  # (d, E*F) -> (E, d, F)
+                    w = w.reshape(w.shape[0], experts, -1).transpose(1, 0, 2)
+                quantized = f"{p.module.format(layer=layer)}.scales" in weights
+                if widen and not quantized and mx.issubdtype(w.dtype, mx.floating):
+                    w = w.astype(mx.float32)
+                weights[name] = w
     return weights
 
 
