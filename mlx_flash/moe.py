@@ -129,7 +129,7 @@ class FlashExperts(FlashMLP):
 
     def _cache_mats(self) -> tuple[list, bool]:
         """The cached experts as (slots, F, w) matrices per part (triples when kept quantized)."""
-        rt, m, F = self._rt, self._rt.manifest, self.expert_ffn
+        m, F = self._rt.manifest, self.expert_ffn
         slots = self.cache.num_used // F
         if m.quantization is not None:  # scales and biases widened to float32 (_new_cache)
             mats = self.cache.part_weights()
