@@ -36,7 +36,7 @@ class FlashRuntime:
 
     def __init__(self, manifest: Manifest, mode: str, window: int, threads: int, act: str,
                  max_request_bytes: int = 1 << 20, bundled: bool = True,
-                 compute: str | None = None):
+                 compute: str | None = None, mapped: bool = False):
         self.manifest = manifest
         # quantized records: "quantized" (quantized_matmul over a quantized cache) or
         # "dequantized" (dequantized on insert into a float cache); None for float records
@@ -48,8 +48,13 @@ class FlashRuntime:
         self.exact_sparse = activations.is_exact_sparse(act)
         # bundled=False (benchmarks): each record part is its own read, as separate matrices.
         spans = None if bundled else _part_spans(manifest)
-        self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads,
-                                  max_request_bytes=max_request_bytes, part_spans=spans)
+        if mapped:  # benchmarks: the mmap baseline of an MoE (page cache, no direct reads)
+            from .bench.mmap import MappedReader
+
+            self.reader = MappedReader(manifest.ffn_path, manifest.record_bytes)
+        else:
+            self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads,
+                                      max_request_bytes=max_request_bytes, part_spans=spans)
         self.stats = FlashStats()
         # (rows, record) buffer through which whole layers and the overflow stream
         self.chunk, self.chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)
@@ -363,6 +368,8 @@ def load(
     max_request_bytes: int | None = None,
     compute: str | None = None,
     lookahead: bool = True,
+    routers: list | None = None,
+    mapped: bool = False,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -383,7 +390,9 @@ def load(
     with `quantized_matmul`, `dequantized` dequantizes them on insert (float cache, counted in
     the budget); default by device (`quant.default_compute`).
     `lookahead` (MoE): read the experts each layer's router is guessed to pick while the layer
-    before it computes (moe.py).
+    before it computes (moe.py). Benchmarks only: `routers` (per-layer callables x -> logits,
+    with a `guess` for the lookahead) replace an MoE's routers; `mapped` reads records through
+    a memory map (the mmap baseline) instead of direct reads.
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -452,7 +461,8 @@ def load(
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
     act = models.flash_spec(manifest.architecture).activation(config)
-    rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled, compute)
+    rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled, compute,
+                      mapped)
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
     rt.reader_profile = profile or "defaults (no probe profile for this volume)"
     ahead = None
@@ -466,8 +476,6 @@ def load(
                 from .moe import FlashExperts
 
                 ffn = FlashExperts(rt, i, capacity, ahead)
-                if i:  # layer i-1 guesses this layer's experts with this router
-                    rt.layers[-1].link(ffn, _module(layer, rt.spec.router))
             else:
                 oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
                 ffn = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
@@ -477,6 +485,13 @@ def load(
             if mode == "hybrid":  # the budget's share stays resident: the first neurons
                 ffn.cache.ensure(np.arange(capacity), 0, rt.reader, ffn.offset)
     model.load_weights(list(weights.items()), strict=True)
+    if manifest.experts:
+        for i, layer in enumerate(model.layers):
+            if routers is not None:
+                _set_module(layer, rt.spec.router, routers[i])
+            if i:  # layer i-1 guesses this layer's experts with this router
+                router = _module(layer, rt.spec.router)
+                rt.layers[i - 1].link(rt.layers[i], getattr(router, "guess", router))
     mx.eval(model.parameters())
     # The resident weights now live in MLX memory; their page-cache copy would only press on a
     # memory limit (Linux charges page cache to it).

@@ -96,7 +96,7 @@ def bench(
     path = Path(model)
     m = read_manifest(path)
     config = load_config(path)
-    names = parse_strategies(strategies)
+    names = parse_strategies(strategies, experts=bool(m.experts))
     if tokens < 1:
         raise FlashError("--tokens must be >= 1")
     budget = plan_budget(m, config, memory, max_context)
@@ -117,7 +117,8 @@ def bench(
     load_before = os.getloadavg()
     rows = []
     for name in names:
-        reason = _unavailable(name, budget, has_predictors, ckpt, parent, limit)
+        reason = _unavailable(name, budget, has_predictors, ckpt, parent, limit,
+                              experts=bool(m.experts))
         if reason:
             rows.append({"strategy": name, "status": "skipped", "reason": reason})
             say(f"{name}: skipped ({reason})")

@@ -11,7 +11,8 @@ from .strategies import PREDICTED
 
 def _add_cost_model(row: dict, cost) -> None:
     """Predicted I/O time (same threads) and the floor (best threads) for the reads measured."""
-    if row.get("status") != "ok" or not row.get("read_requests_per_token"):
+    if (row.get("status") != "ok" or not row.get("read_requests_per_token")
+            or row["strategy"].startswith("mmap")):  # an MoE's map: copies, not direct reads
         return
     nbytes, reqs, threads = row["flash_bytes_per_token"], row["read_requests_per_token"], row["threads"]
     size = nbytes / reqs
@@ -106,6 +107,13 @@ def format_table(result: dict) -> str:
             notes.append(f"fresh {r['fresh_fraction']:.1%}")
         if r.get("held_fraction") is not None:
             notes.append(f"held {r['held_fraction']:.1%}")
+        if r.get("cache_hit_rate") is not None:
+            notes.append(f"cache hits {r['cache_hit_rate']:.1%}")
+        if r.get("lookahead_hit_rate") is not None:
+            notes.append(f"lookahead right {r['lookahead_hit_rate']:.1%}, I/O waited "
+                         f"{r['io_wait_ms']} ms")
+        if r.get("copied_bytes_per_token") is not None:
+            notes.append(f"{r['copied_bytes_per_token'] / 1e6:.1f} MB/token copied from the map")
         if r.get("predicted_fraction") is not None:
             notes.append(f"predicted {r['predicted_fraction']:.1%}")
         if r["strategy"] == "hybrid":

@@ -5,10 +5,14 @@ from __future__ import annotations
 from .. import platform
 from ..errors import FlashError
 
-STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "all", "mmap",
-              "mmap-nolimit")
+STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "+cache", "all",
+              "mmap", "mmap-nolimit")
+# An MoE's: every routed expert read per token, + the expert cache, + lookahead and the probed
+# reader (`all`), and the mmap baseline over the flash dir's own records
+MOE_STRATEGIES = ("dense", "naive", "+cache", "all", "mmap")
 FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings from the profile
     "naive": dict(mode="naive"),
+    "+cache": dict(mode="oracle", lookahead=False),
     "hybrid": dict(mode="hybrid"),
     "predicted": dict(mode="predicted", window=1, bundled=False),
     "+window": dict(mode="predicted", bundled=False),
@@ -18,10 +22,11 @@ FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings
 PREDICTED = ("predicted", "+window", "+bundling", "all")
 
 
-def parse_strategies(spec: str | list[str] | None) -> list[str]:
-    """Strategy names from a comma list (`window` and `bundling` may drop the `+`)."""
+def parse_strategies(spec: str | list[str] | None, experts: bool = False) -> list[str]:
+    """Strategy names from a comma list (`window`, `bundling` and `cache` may drop the `+`);
+    default: all of them, or an MoE's (`experts`)."""
     if spec is None:
-        return list(STRATEGIES)
+        return list(MOE_STRATEGIES if experts else STRATEGIES)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for item in (s.strip() for s in items if s.strip()):
@@ -32,15 +37,19 @@ def parse_strategies(spec: str | list[str] | None) -> list[str]:
     return out
 
 
-def _unavailable(name, budget, has_predictors, ckpt, parent, limit) -> str | None:
+def _unavailable(name, budget, has_predictors, ckpt, parent, limit, experts=False) -> str | None:
     dense = budget.resident + budget.dense_ffn
     if name == "dense" and dense > 0.75 * platform.physical_memory_bytes():
         return f"the dense model ({dense / 1e9:.1f} GB) does not fit in this machine's memory"
+    if experts and name not in MOE_STRATEGIES + ("mmap-nolimit",):
+        return "a dense-FFN strategy; an MoE runs " + ", ".join(MOE_STRATEGIES)
+    if not experts and name == "+cache":
+        return "MoE only (a dense FFN's cache is `+window`)"
     if name in FLASH and budget.capacity < 1:
         return "the budget does not hold the resident weights (raise --memory)"
-    if name in PREDICTED and not has_predictors:
+    if name in PREDICTED and not (has_predictors or experts):
         return "no predictors in the model dir (run `mlx-flash calibrate`)"
-    if name.startswith("mmap") and ckpt is None:
+    if name.startswith("mmap") and ckpt is None and not experts:
         return "no dense safetensors checkpoint of the same weights (pass --checkpoint)"
     if name == "mmap" and parent is None:
         return ("memory limit disabled (--no-limit)" if not limit else

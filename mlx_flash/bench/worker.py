@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import platform
 from .mmap import _checkpoint_files, _mapped_model
+from .routing import load_routing
 from .strategies import FLASH
 from .synthetic import SyntheticPredictor, load_synthetic
 
@@ -45,6 +46,7 @@ def _worker(spec: dict) -> dict:
 
     from .. import format as fmt
     from .. import runtime
+    from ..checkpoint import load_config
     from ..loader import load_dense, load_tokenizer
 
     name, path = spec["strategy"], Path(spec["model"])
@@ -61,17 +63,25 @@ def _worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     mapped = None
     row = {"strategy": name, "status": "ok"}
+    routers = None
+    if m.experts:  # a synthetic MoE's planted routing (bench/routing.py)
+        config = load_config(path)
+        routers = load_routing(path, m.experts, config.get("num_experts_per_tok", 1),
+                               m.num_layers)
     if name == "dense":
         model, tok = load_dense(ckpt or path)
-    elif name.startswith("mmap"):
+    elif name.startswith("mmap") and not m.experts:
         model, tok, mapped = _mapped_model(ckpt)
     else:
-        kw = dict(FLASH[name])
+        # an MoE's mmap baseline: every routed expert copied out of a map of its records
+        kw = dict(mode="naive", mapped=True) if name.startswith("mmap") else dict(FLASH[name])
         kw.pop("probed", None)
         kw.setdefault("window", spec["window"])
         predictors = None
         if kw["mode"] == "predicted" and not (path / "predictors.safetensors").exists():
             predictors = load_synthetic(path, m.ffn_dim, m.num_layers)
+        if routers is not None:
+            kw["routers"] = routers
         model, tok = runtime.load(path, memory=spec["memory"], max_context=spec["max_context"],
                                   threads=spec["threads"], max_request_bytes=spec["max_request_bytes"],
                                   predictors=predictors, **kw)
@@ -98,15 +108,22 @@ def _worker(spec: dict) -> dict:
     row.update(tokens=n, prefill_ms=round(1000 * prefill, 1), token_ms=round(token_ms, 1),
                tokens_per_s=round(1000 / token_ms, 3), token_ms_each=[round(1000 * t, 1) for t in times])
     io_ms = cache_ms = predict_ms = 0.0
-    if name in FLASH:
+    wait_ms = None  # I/O on the critical path, when some of it overlapped compute
+    if name in FLASH or (m.experts and name.startswith("mmap")):
         s = model.flash.runtime.stats
         st = s.per_token()
         io_ms, cache_ms, predict_ms = st["io_ms_per_token"], st["cache_ms_per_token"], st["predict_ms_per_token"]
+        wait_ms = st["io_wait_ms_per_token"]
         neurons = m.num_layers * m.ffn_dim
         row.update(flash_bytes_per_token=st["flash_bytes_per_token"],
                    read_requests_per_token=st["read_requests_per_token"],
-                   read_gb_per_s=st["read_gb_per_s"], cache_hit_rate=st["cache_hit_rate"])
-        if FLASH[name]["mode"] == "predicted":
+                   read_gb_per_s=st["read_gb_per_s"], cache_hit_rate=st["cache_hit_rate"],
+                   io_wait_ms=round(wait_ms, 1), lookahead_hit_rate=st["lookahead_hit_rate"])
+        if name.startswith("mmap"):  # copied out of the map; the disk read the page-cache misses
+            row["copied_bytes_per_token"] = row.pop("flash_bytes_per_token")
+            if read0 is not None:
+                row["flash_bytes_per_token"] = round((read1 - read0) / n)
+        elif FLASH[name]["mode"] == "predicted":
             row["fresh_fraction"] = round((s.misses + s.overflow) / max(s.tokens, 1) / neurons, 4)
             row["held_fraction"] = round(sum(mlp.cache.num_used for mlp in model.flash.runtime.layers)
                                          / neurons, 4)
@@ -120,8 +137,9 @@ def _worker(spec: dict) -> dict:
         io_ms = 1000 * mapped.seconds / n  # page faults + the copy out of the mapping
         if read0 is not None:  # page-cache misses: what the mapping really read from the disk
             row["flash_bytes_per_token"] = round((read1 - read0) / n)
+    waited = io_ms if wait_ms is None else wait_ms
     row.update(io_ms=round(io_ms, 1), cache_ms=round(cache_ms, 1), predict_ms=round(predict_ms, 1),
-               compute_ms=round(max(token_ms - io_ms - cache_ms - predict_ms, 0.0), 1))
+               compute_ms=round(max(token_ms - waited - cache_ms - predict_ms, 0.0), 1))
     peak = platform.peak_rss_bytes()
     row.update(peak_rss_bytes=peak, base_rss_bytes=base_rss, model_rss_bytes=peak - base_rss,
                mlx_peak_decode_bytes=mx.get_peak_memory(), mlx_cache_bytes=mx.get_cache_memory())
