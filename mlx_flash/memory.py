@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from . import platform
+from . import models, platform
 from .errors import FlashError
 from .format import Manifest
 from .units import format_bytes
@@ -169,6 +169,12 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
         buffers += stream_rows(m) * m.payload_bytes
     if compute == "dequantized":  # one piece being dequantized: MLX's transient + its values
         buffers += DEQUANT_ROWS * (DEQUANT_PEAK + 1) * d_float * len(m.parts)
+    # the caches' bookkeeping: each layer's row of every neuron, each cached neuron's id and age
+    buffers += m.num_layers * m.ffn_dim * 8
+    neuron += 16
+    if m.experts:  # the lookahead's buffer: one token's experts
+        top_k = config.get(models.flash_spec(m.architecture).top_k or "", 1)
+        buffers += top_k * m.expert_ffn * m.record_bytes
     return Budget(
         total=parse_memory(memory, model), model=model, resident=m.resident_bytes,
         kv_cache=_kv_bytes(config, m, max_context), buffers=buffers,

@@ -244,7 +244,8 @@ class Lookahead:
     def __init__(self, rt, top_k: int):
         m = rt.manifest
         self._rt, self.top_k, self.expert_ffn = rt, top_k, m.expert_ffn
-        self.buffer = aligned_empty(top_k * m.expert_ffn, m.record_bytes)[1]
+        # one aligned buffer per expert (direct reads need aligned destinations)
+        self.buffers = [aligned_empty(m.expert_ffn, m.record_bytes)[1] for _ in range(top_k)]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-lookahead")
 
     def start(self, nxt: _Next, x: mx.array, k: int) -> None:
@@ -260,7 +261,8 @@ class Lookahead:
     def _read(self, layer: FlashExperts, missing: np.ndarray) -> ReadStats:
         reader = self._rt.reader  # the decode thread waits for this before reading itself
         before = reader.snapshot()
-        reader.read(layer.offset, layer._ids(missing), self.buffer[: len(missing) * self.expert_ffn])
+        for j in range(len(missing)):  # expert by expert: the reader's scratch stays small
+            reader.read(layer.offset, layer._ids(missing[j : j + 1]), self.buffers[j])
         return reader.delta(before)
 
     def reader(self, guess: np.ndarray, missing: np.ndarray, chosen: np.ndarray) -> _Buffered:
@@ -299,5 +301,6 @@ class _Buffered:
             self._reader.read(layer_offset, ids[rest], out[: len(rest)])
             if len(rest) < len(ids):
                 out[rest] = out[: len(rest)].copy()
-        take = np.flatnonzero(inside)
-        out[take] = self._la.buffer[pos[take] * F + ids[take] % F]
+        for j in np.unique(pos[inside]):  # expert by expert, from its own buffer
+            rows = np.flatnonzero(inside & (pos == j))
+            out[rows] = self._la.buffers[j][ids[rows] % F]

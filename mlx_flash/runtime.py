@@ -445,8 +445,9 @@ def load(
             budget.require_flash()
         capacity = budget.capacity
     capacity = max(1, min(capacity, manifest.ffn_dim))
-    if manifest.experts:
-        capacity = max(top_k, capacity // manifest.expert_ffn) * manifest.expert_ffn
+    if manifest.experts:  # whole experts; naive mode keeps none (its cache would go unused)
+        slots = top_k if mode == "naive" else max(top_k, capacity // manifest.expert_ffn)
+        capacity = slots * manifest.expert_ffn
     # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's
     # freed blocks would stay in the process beside the budget (a memory limit then kills it).
     mx.set_cache_limit(ALLOCATOR_CACHE_BYTES)
