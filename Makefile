@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 TINY_PROMPT ?= The open() function returns
 
-.PHONY: demo demo-tiny test bench lint clean
+.PHONY: demo demo-tiny test bench bench-moe lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,15 @@ bench: $(VENV)/.installed
 		$$dir/opt-6.7b-synthetic --checkpoint $$dir/opt-6.7b-synthetic-hf; } && \
 	$(BIN)/mlx-flash bench --model $$dir/opt-6.7b-synthetic --memory 50%model \
 		--tokens $${BENCH_TOKENS:-8} --prompt "$${BENCH_PROMPT:-The open() function}" $${plot:+--plot $$dir/bench.png}
+
+# The MoE strategies on a synthetic Qwen3-30B-A3B-shaped 4-bit model (18 GB on disk, planted routing)
+bench-moe: $(VENV)/.installed
+	@dir=$${BENCH_DIR:-models/bench}; mkdir -p $$dir && \
+	$(BIN)/mlx-flash probe --path $$dir && \
+	{ test -f $$dir/qwen3-30b-a3b-synthetic/manifest.json || $(BIN)/python tools/synthetic_moe.py \
+		$$dir/qwen3-30b-a3b-synthetic; } && \
+	$(BIN)/mlx-flash bench --model $$dir/qwen3-30b-a3b-synthetic --memory 50%model \
+		--tokens $${BENCH_TOKENS:-16} --prompt "$${BENCH_PROMPT:-The open() function}"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check mlx_flash tests tools
