@@ -23,11 +23,12 @@ from mlx_flash.loader import load_model
 from mlx_flash.runtime import load
 
 from .conftest import fixture_path
+from .test_models import NEW, _reference_greedy
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-PROMPT, NEW, TOL = 24, 16, 1e-3
+PROMPT, TOL = 24, 1e-3
 VOCAB = 8192  # the fixture tokenizer's
 EXPERTS, TOP_K, EXPERT_FFN = 8, 2, 64
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -47,18 +48,6 @@ CASES = {
     "olmoe": ("olmoe", dict(num_experts=EXPERTS, intermediate_size=EXPERT_FFN,
                             norm_topk_prob=False, tie_word_embeddings=False)),  # q/k norms
 }
-
-
-def _reference_greedy(ref, ids):
-    """PyTorch's logits (PROMPT + NEW - 1, vocab) and NEW greedy tokens, through its cache."""
-    with torch.no_grad():
-        out = ref(torch.tensor([ids]), use_cache=True)
-        logits, tokens = [out.logits[0]], [int(out.logits[0, -1].argmax())]
-        for _ in range(NEW - 1):
-            out = ref(torch.tensor([tokens[-1:]]), cache=out.cache, use_cache=True)
-            logits.append(out.logits[0])
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return torch.cat(logits).numpy(), tokens
 
 
 def _greedy(model, ids):
