@@ -193,7 +193,7 @@ def walk(m: fmt.Manifest, config: dict, seqs: np.ndarray, sparsity: float | None
     """Yield `LayerData` per layer while moving the hidden states of `seqs` (S, L) through the
     model. A layer's row files are valid until the next one is yielded."""
     spec = models.flash_spec(m.architecture)
-    act_name = spec.activation(config)
+    act_name = spec.activation(spec.text(config))
     exact = activations.is_exact_sparse(act_name)
     act = activations.numpy_fn(act_name)
     model = build_model(config)
@@ -316,7 +316,8 @@ def calibrate(
         raise FlashError(f"{path}: a mixture of experts: its router picks the experts exactly, so "
                          "there are no predictors to train (generate streams the routed experts)")
     config = load_config(m.path)
-    act_name = models.flash_spec(m.architecture).activation(config)
+    spec = models.flash_spec(m.architecture)
+    act_name = spec.activation(spec.text(config))
     relu = activations.is_exact_sparse(act_name)
     if not 0.0 < target_recall < 1.0:
         raise FlashError(f"--target-recall must be between 0 and 1 (got {target_recall})")
@@ -404,7 +405,8 @@ def evaluate(
     config = load_config(m.path)
     predictors = load_predictors(m.path)
     act_thresholds = m.extra.get("predictors", {}).get("activation_thresholds")
-    act_name = models.flash_spec(m.architecture).activation(config)
+    spec = models.flash_spec(m.architecture)
+    act_name = spec.activation(spec.text(config))
     if not activations.is_exact_sparse(act_name) and not act_thresholds:
         raise FormatError(fmt.MANIFEST, "predictors.activation_thresholds", "missing for a "
                           "non-ReLU model", CALIBRATE_FIX.format(dir=m.path))

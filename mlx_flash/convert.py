@@ -170,18 +170,20 @@ def _plan(ckpt: Checkpoint | GGUFCheckpoint, dtype: str | None, quantize: int | 
         raise FlashError(f"{ckpt.path}: model_type {arch!r} is not supported; supported: "
                          f"{', '.join(models.supported())}")
     spec = models.flash_spec(arch)
+    text = spec.text(config)  # a multimodal checkpoint's text model
     dims = []
     for key in spec.dims:
-        value = config.get(key)
+        value = text.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise CheckpointError(f"{ckpt.path}/config.json: {key} is {value!r}, expected a positive int")
         dims.append(value)
     d, ffn, layers = dims
-    ffn = spec.neurons(config)  # every routed expert's neurons, for an MoE
+    ffn = spec.neurons(text)  # every routed expert's neurons, for an MoE
     if not isinstance(ffn, int) or ffn <= 0:
         raise CheckpointError(f"{ckpt.path}/config.json: {spec.experts[0]} is "
-                              f"{spec.num_experts(config)!r}, expected a positive int")
+                              f"{spec.num_experts(text)!r}, expected a positive int")
     names = {spec.checkpoint_key(k): k for k in ckpt.keys()}
+    names = {n: k for n, k in names.items() if not n.startswith(spec.unused)}  # vision tower
     sources = tuple((f"{module}.weight", chunk, chunks)
                     for module, chunk, chunks in (p.source() for p in spec.parts))
     biases = set()
@@ -227,7 +229,7 @@ def _plan(ckpt: Checkpoint | GGUFCheckpoint, dtype: str | None, quantize: int | 
             and hasattr(modules.get(n[: -len(".weight")]), "to_quantized")
             and len(ckpt.shape(names[n])) == 2 and ckpt.shape(names[n])[-1] % q.group_size == 0)
     return _Plan(arch, target, d, ffn, layers, names, frozenset(biases), sources,
-                 frozenset(ffn_names), q, quantizable, spec.num_experts(config))
+                 frozenset(ffn_names), q, quantizable, spec.num_experts(text))
 
 
 def _target_quantization(ckpt, ffn_weight: str, quantize: int | None,

@@ -22,7 +22,7 @@ class ExpertView:
 
     def __init__(self, ckpt, spec: FlashSpec):
         self._ckpt = ckpt
-        config = ckpt.config
+        config = spec.text(ckpt.config)
         self.experts = spec.num_experts(config)
         layers = config.get(spec.dims[2])
         if not isinstance(self.experts, int) or self.experts < 1 or not isinstance(layers, int):

@@ -202,8 +202,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def _check_config(root: Path, arch: str, dims: dict[str, int], experts) -> int | None:
     """Check the manifest's dims against config.json; the routed experts' count of an MoE."""
-    config = _load_json(root / CONFIG_FILE, CONFIG_FILE)
     spec = models.flash_spec(arch)
+    config = spec.text(_load_json(root / CONFIG_FILE, CONFIG_FILE))
     for ours, theirs in zip(("d_model", "ffn_dim", "num_layers"), spec.dims, strict=True):
         want = spec.neurons(config) if ours == "ffn_dim" else config.get(theirs)
         if want != dims[ours]:

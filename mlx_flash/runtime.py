@@ -412,9 +412,11 @@ def load(
         compute = "quantized"
     elif compute is None:
         compute = quant.default_compute()
+    spec = models.flash_spec(manifest.architecture)
+    text = spec.text(config)  # a multimodal model's text model
     if max_context is None:
-        max_context = min(2048, config.get("max_position_embeddings") or 2048)
-    budget = plan_budget(manifest, config, memory, max_context, compute)
+        max_context = min(2048, text.get("max_position_embeddings") or 2048)
+    budget = plan_budget(manifest, text, memory, max_context, compute)
     if mode == "dense" or (mode == "auto" and budget.fits_dense):
         model, tokenizer = load_dense(path)
         model.flash = FlashState("dense", budget, max_context=max_context)
@@ -437,7 +439,7 @@ def load(
             mode = "oracle"
     else:
         predictors = None
-    top_k = config.get(models.flash_spec(manifest.architecture).top_k or "", 1)
+    top_k = text.get(spec.top_k or "", 1)
     if capacity is None:
         if manifest.experts:  # whole experts, at least the top-k experts of one token
             budget.require_experts(manifest.expert_ffn, top_k)
@@ -461,7 +463,7 @@ def load(
     if threads is None or max_request_bytes is None:
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
-    act = models.flash_spec(manifest.architecture).activation(config)
+    act = spec.activation(text)
     rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled, compute,
                       mapped)
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)

@@ -4,7 +4,8 @@ One tiny random checkpoint per case, written by transformers with the fixture's 
 logits over a prompt and then a greedy decode through the KV cache must match PyTorch's, dense and
 from the converted flash dir (dense, naive, and predicted with predictors that mark every neuron).
 Each config turns on what its type adds: rope variants, head_dim != hidden/heads, GQA, tied and
-untied heads, biases, norms, sliding windows shorter than the decode.
+untied heads, biases, norms, sliding windows shorter than the decode. A multimodal case (gemma3)
+nests the text model's config under `text_config` beside a vision tower that convert leaves out.
 """
 
 import shutil
@@ -34,7 +35,15 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
-# case -> (model_type, config overrides)
+GEMMA3_TEXT = dict(
+    head_dim=32, query_pre_attn_scalar=24, tie_word_embeddings=True, sliding_window=WINDOW,
+    layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
+        full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+        sliding_attention=dict(rope_type="default", rope_theta=1e4)))
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              image_size=28, patch_size=14)
+
+# case -> (model_type, config overrides; a `text_config` one holds COMMON itself)
 CASES = {
     "llama3-rope": ("llama", dict(tie_word_embeddings=True, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
@@ -44,11 +53,9 @@ CASES = {
     "qwen2": ("qwen2", dict(tie_word_embeddings=False,  # q/k/v biases, randomised
                             rope_parameters=dict(rope_type="default", rope_theta=5e4))),
     "mistral": ("mistral", dict(head_dim=32, sliding_window=WINDOW, tie_word_embeddings=False)),
-    "gemma3_text": ("gemma3_text", dict(
-        head_dim=32, query_pre_attn_scalar=24, tie_word_embeddings=True, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
-            full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1e6),
-            sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
+    "gemma3_text": ("gemma3_text", GEMMA3_TEXT),
+    "gemma3": ("gemma3", dict(text_config={**COMMON, **GEMMA3_TEXT}, vision_config=VISION,
+                              mm_tokens_per_image=4)),
     "phi3": ("phi3", dict(tie_word_embeddings=False, sliding_window=WINDOW, rope_parameters=dict(
         rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))),  # fused gate_up_proj
     "olmo2": ("olmo2", dict(tie_word_embeddings=True,  # q/k norms, randomised
@@ -84,7 +91,8 @@ def _greedy(model, ids):
 def case(request, tmp_path_factory):
     """(checkpoint dir, prompt ids, PyTorch's logits, PyTorch's tokens)."""
     model_type, overrides = CASES[request.param]
-    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **overrides})
+    config = transformers.AutoConfig.for_model(
+        model_type, **(overrides if "text_config" in overrides else {**COMMON, **overrides}))
     torch.manual_seed(0)
     ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # spread the logits (no near-ties); norms and biases off their init
@@ -156,3 +164,9 @@ def test_mmap_baseline_computes_the_dense_model(case):
     assert np.array_equal(logits, want_logits) and tokens == want_tokens
     assert counters.seconds > 0
     assert len(_decode(mapped, tokenizer, "The open() function", 2, "mmap")[1]) == 2
+
+
+def test_flash_dir_holds_the_text_model_only(flash_dir):
+    """A multimodal checkpoint's vision tower and projector stay out of the flash dir."""
+    names = mx.load(str(fmt.read_manifest(flash_dir).resident_path))
+    assert names and not [n for n in names if "vision_tower" in n or "multi_modal" in n]

@@ -86,6 +86,7 @@ def bench(
     the manifest's `source` when it is a local dir); `profile`: a probe.Profile (default: the
     volume's saved profile, probing it first when there is none).
     """
+    from .. import models
     from .. import probe as probe_mod
     from ..checkpoint import load_config
     from ..format import read_manifest
@@ -99,7 +100,7 @@ def bench(
     names = parse_strategies(strategies, experts=bool(m.experts))
     if tokens < 1:
         raise FlashError("--tokens must be >= 1")
-    budget = plan_budget(m, config, memory, max_context)
+    budget = plan_budget(m, models.flash_spec(m.architecture).text(config), memory, max_context)
     synthetic = bool(config.get("synthetic")) or (path / SYNTHETIC_FILE).exists()
     if profile is None:
         profile = load_profile(path)

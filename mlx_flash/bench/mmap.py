@@ -134,7 +134,10 @@ def _mapped_model(ckpt: Path):
                 raise FlashError(f"{f}: {name} is {e['dtype']}; the mmap baseline maps floats only")
             view = mapping[start + lo : start + hi].view(dtype.storage).reshape(e["shape"])
             views[name] = (view, dtype.name)
-    views = _split_fused(views, models.flash_spec(config["model_type"]))
+    spec = models.flash_spec(config["model_type"])
+    views = {k: v for k, v in views.items()  # a multimodal checkpoint's vision tower
+             if not spec.checkpoint_key(k).startswith(spec.unused)}
+    views = _split_fused(views, spec)
     by_layer, rest = defaultdict(list), {}
     for name, (view, dtype) in views.items():
         m = re.search(r"\.layers\.(\d+)\.", name)

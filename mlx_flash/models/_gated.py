@@ -43,16 +43,17 @@ def _hidden(rows, act):
 
 
 def spec(activation: str = "hidden_act", default: str = "silu",
-         fused: str | None = None) -> FlashSpec:
+         fused: str | None = None, module: str = MLP_MODULE) -> FlashSpec:
     """The gated FFN's FlashSpec: `activation` is the config key of the activation's name.
-    `fused`: the checkpoint's module holding gate then up as one (2*ffn, d) matrix."""
+    `fused`: the checkpoint's module holding gate then up as one (2*ffn, d) matrix.
+    `module`: the MLP's HF module path (`{layer}` for the layer index)."""
     rows = tuple(
-        RecordPart(name, f"{MLP_MODULE}.{name}", "row",
-                   fused=(f"{MLP_MODULE}.{fused}", i, 2) if fused else None)
+        RecordPart(name, f"{module}.{name}", "row",
+                   fused=(f"{module}.{fused}", i, 2) if fused else None)
         for i, name in enumerate(("gate_proj", "up_proj")))
     return FlashSpec(
         dims=("hidden_size", "intermediate_size", "num_hidden_layers"),
-        parts=(*rows, RecordPart("down_proj", f"{MLP_MODULE}.down_proj", "column")),
+        parts=(*rows, RecordPart("down_proj", f"{module}.down_proj", "column")),
         hidden=_hidden,
         activation=lambda config: config.get(activation, default),
     )

@@ -56,6 +56,10 @@ class FlashSpec:
     `module` is the attribute path, in a decoder layer, of what the flash runtime replaces: the
     MLP, or the MoE block's `SwitchGLU` (called with the router's indices); `router` that of
     the MoE block's router, whose logits' top-k are the experts a token picks.
+
+    Multimodal checkpoints: `text_config` is the config.json key of the text model's config
+    (its dims, heads, activation; see `text`), `unused` the prefixes of checkpoint tensors
+    (vision tower, projector) convert leaves out of the flash dir.
     """
 
     dims: tuple[str, str, str]
@@ -67,6 +71,16 @@ class FlashSpec:
     top_k: str | None = None  # MoE: config key of the experts each token picks
     module: str = "mlp"
     router: str | None = None  # MoE: attribute path of the router (a Linear) in a decoder layer
+    text_config: str | None = None  # multimodal: config.json key of the text model's config
+    unused: tuple[str, ...] = ()  # checkpoint name prefixes convert leaves out
+
+    def text(self, config: dict) -> dict:
+        """config.json as the text model sees it: a multimodal checkpoint's `text_config`
+        entries over the top-level ones (`config` itself for a text model). Every reading of
+        dims, heads, activation or context from config.json goes through it."""
+        if not self.text_config:
+            return config
+        return {**config, **(config.get(self.text_config) or {})}
 
     def num_experts(self, config: dict) -> int | None:
         """The routed experts' count in `config` (None: not an MoE, or the count is missing)."""
