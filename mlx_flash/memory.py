@@ -16,6 +16,7 @@ _UNITS = {
 }
 # Prefill and naive mode stream whole layers through one buffer of at most this size.
 STREAM_CHUNK_BYTES = 4 << 20
+NEURON_BOOKKEEPING = 16  # bytes a cached neuron costs beside its values: its id and its age
 # A dequantized cache (quantized records, `--compute dequantized`) dequantizes what it inserts
 # this many records at a time: MLX's CPU dequantize holds about 5.3x its output at its peak
 # (measured: 22.2 MB for a (2048, 1024) bfloat16 result); the budget counts one piece of it.
@@ -171,7 +172,7 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
         buffers += DEQUANT_ROWS * (DEQUANT_PEAK + 1) * d_float * len(m.parts)
     # the caches' bookkeeping: each layer's row of every neuron, each cached neuron's id and age
     buffers += m.num_layers * m.ffn_dim * 8
-    neuron += 16
+    neuron += NEURON_BOOKKEEPING
     if m.experts:  # the lookahead's buffer: one token's experts
         top_k = config.get(models.flash_spec(m.architecture).top_k or "", 1)
         buffers += top_k * m.expert_ffn * m.record_bytes
