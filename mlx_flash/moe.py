@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import NeuronCache
-from .runtime import FlashMLP
+from .ffn import FlashMLP
 from .storage import ReadStats, aligned_empty
 
 

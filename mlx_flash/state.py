@@ -16,8 +16,8 @@ from .storage import ReadStats
 from .units import mib
 
 if TYPE_CHECKING:
+    from .ffn import FlashRuntime
     from .memory import Budget
-    from .runtime import FlashRuntime
 
 
 @dataclass

@@ -1,0 +1,335 @@
+"""The flash FFN of a dense model: `FlashMLP` (an MLP whose neurons live in `ffn.bundles`) and
+`FlashRuntime`, what the FlashMLPs of one model share (manifest, reader, stream buffer, counters).
+
+`runtime.load` builds them; per decode token and layer, the active neurons are found (oracle or
+predictor), the missing ones are read from `ffn.bundles` straight into the layer's `NeuronCache`,
+and the FFN runs as one dense matmul over the cache's contiguous rows. See DESIGN.md "Decode step".
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import activations, models, platform, quant
+from .cache import NeuronCache
+from .format import Manifest
+from .memory import DEQUANT_ROWS, stream_rows
+from .state import FlashStats
+from .storage import FlashReader, ReadStats, aligned_empty
+
+
+class FlashRuntime:
+    """What the FlashMLPs of one model share: the manifest, the reader, buffers and counters."""
+
+    def __init__(self, manifest: Manifest, mode: str, window: int, threads: int, act: str,
+                 max_request_bytes: int = 1 << 20, bundled: bool = True,
+                 compute: str | None = None, mapped: bool = False):
+        self.manifest = manifest
+        # quantized records: "quantized" (quantized_matmul over a quantized cache) or
+        # "dequantized" (dequantized on insert into a float cache); None for float records
+        self.compute = compute
+        self.spec = models.flash_spec(manifest.architecture)
+        self.mode = mode
+        self.window = window
+        self.act = activations.mlx_fn(act)
+        self.exact_sparse = activations.is_exact_sparse(act)
+        # bundled=False (benchmarks): each record part is its own read, as separate matrices.
+        spans = None if bundled else _part_spans(manifest)
+        if mapped:  # benchmarks: the mmap baseline of an MoE (page cache, no direct reads)
+            from .bench.mmap import MappedReader
+
+            self.reader = MappedReader(manifest.ffn_path, manifest.record_bytes)
+        else:
+            self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads,
+                                      max_request_bytes=max_request_bytes, part_spans=spans)
+        self.stats = FlashStats()
+        # (rows, record) buffer through which whole layers and the overflow stream
+        self.chunk, self.chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)
+        self.layers: list[FlashMLP] = []
+        self.lookahead = None  # MoE: moe.Lookahead, the reads started a layer early
+
+    def close(self) -> None:
+        if self.lookahead is not None:
+            self.lookahead.close()
+        self.reader.close()
+
+
+def _part_spans(m: Manifest) -> list[tuple[int, int]]:
+    """Byte span of each record part: what one read per part has to fetch (for aligned records,
+    widened to the direct-I/O blocks; the reader widens packed ones itself)."""
+    if m.packed:
+        return [p.span for p in m.parts]
+    align = platform.direct_io_alignment()
+    return [(lo // align * align, -(-hi // align) * align) for lo, hi in (p.span for p in m.parts)]
+
+
+class _Biases:
+    """FFN biases of one layer, kept out of the module tree (they are not loadable weights)."""
+
+    def __init__(self, by_module: dict[str, mx.array]):
+        self.by_module = by_module
+
+
+class FlashMLP(nn.Module):
+    """An MLP whose weights live in `ffn.bundles`; see the module docstring.
+
+    Public, read-only for callers: `layer` (its index), `cache` (its NeuronCache), `predictor`
+    (predicted mode), `offset` (byte offset of its records in ffn.bundles).
+    """
+
+    def __init__(self, rt: FlashRuntime, layer: int, capacity: int, biases: dict, oracle=None,
+                 predictor=None):
+        super().__init__()
+        m = rt.manifest
+        self._rt, self.layer = rt, layer
+        self.offset = m.layer_offset(layer)
+        self.cache = self._new_cache(rt, capacity)
+        self._biases = _Biases(biases)
+        self._oracle = oracle  # (W_in (ffn, d), bias or None): dense activation input, oracle mode
+        self.predictor = predictor  # predictor.Predictor (or a stand-in) for predicted mode
+        self._step = 0
+        self._row_parts = [p for p in m.parts if p.name in {r.name for r in rt.spec.row_parts}]
+        self._column_part = m.part(rt.spec.column_part.name)
+        # quantized compute: each part's quantized_matmul arguments, made once
+        self._qkw = {p.name: m.part_quantization(p).kwargs for p in m.parts
+                     if m.quantization is not None}
+        self._out_bias = biases.get(rt.spec.column_part.name)
+
+    def _new_cache(self, rt: FlashRuntime, capacity: int) -> NeuronCache:
+        return _new_cache(rt, capacity)
+
+    # -- the FFN over a block of records -------------------------------------------------------
+
+    def _ffn(self, x: mx.array, records: mx.array, ids: mx.array | None) -> mx.array:
+        """FFN of x (n_tok, d) over whole `records` ((n, record_bytes) uint8) holding neurons
+        `ids` (the stream buffer: prefill, naive, overflow)."""
+        m = self._rt.manifest
+        if m.quantization is not None:
+            # quantized_matmul straight on the records: as fast as dequantize + matmul on MLX's
+            # CPU backend (the fast path on GPUs), without dequantize's ~5x transient there. In
+            # float32: MLX's CPU kernel in float16 is ~10x less exact than a float16 matmul.
+            def times(a: mx.array, p, transpose: bool) -> mx.array:
+                w, s, b = m.part_arrays(records, p)
+                return mx.quantized_matmul(a.astype(mx.float32), w, s.astype(mx.float32),
+                                           b.astype(mx.float32), transpose=transpose,
+                                           **self._qkw[p.name])
+
+            rows = {p.name: times(x, p, True) for p in self._row_parts}
+            return self._combine(rows, lambda h: times(h, self._column_part, False), ids)
+        values = records.view(m.mx_dtype)
+        width, size = values.shape[1], m.itemsize
+        rows = {}
+        for p in self._row_parts:
+            lo, hi = p.offset // size, (p.offset + p.nbytes) // size
+            # x zero-padded to the record width keeps each row product on contiguous records:
+            # MLX's CPU backend copies a strided slice before a matmul, ~10x the product's cost.
+            rows[p.name] = mx.pad(x, [(0, 0), (lo, width - hi)]) @ values.T
+        lo, hi = (o // size for o in self._column_part.span)
+        column = values[:, lo:hi]
+        return self._combine(rows, lambda h: _times(h, column), ids)
+
+    def _ffn_cached(self, x: mx.array) -> mx.array:
+        """FFN of x over the cached neurons: each part's payload is a matrix of its own."""
+        rt = self._rt
+        # the neuron ids only pick bias entries: no per-token array for a model without biases
+        ids = mx.array(self.cache.ids()) if self._biases.by_module else None
+        if rt.compute == "quantized":  # (packed, scales, biases) per part
+            m = rt.manifest
+            mats = self.cache.part_weights()
+            triples = [(w.view(mx.uint32), s.view(m.mx_dtype), b.view(m.mx_dtype))
+                       for w, s, b in zip(mats[0::3], mats[1::3], mats[2::3], strict=True)]
+            *row_parts, column = triples
+            rows = {p.name: mx.quantized_matmul(x, *t, transpose=True, **self._qkw[p.name])
+                    for p, t in zip(self._row_parts, row_parts, strict=True)}
+            down = self._qkw[self._column_part.name]
+            return self._combine(rows, lambda h: mx.quantized_matmul(
+                h, *column, transpose=False, **down), ids)
+        *row_parts, column = self.cache.part_weights(rt.manifest.mx_dtype)  # (n, d) each
+        rows = {p.name: x @ w.T for p, w in zip(self._row_parts, row_parts, strict=True)}
+        return self._combine(rows, lambda h: _times(h, column), ids)
+
+    def _combine(self, rows: dict, down, ids: mx.array | None) -> mx.array:
+        """The row products (n_tok, n) plus their biases, combined by the architecture's
+        `hidden` into h, then `down(h)`: the column part's product (n_tok, d)."""
+        rt, b = self._rt, self._biases.by_module
+        for name in rows:
+            if (bias := b.get(name)) is not None:
+                rows[name] = rows[name] + (bias if ids is None else bias[ids])
+        return down(rt.spec.hidden(rows, rt.act))
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Host sync first: every graph that read this layer's buffers is evaluated, so the cache
+        # and the stream buffer may be written in place below (DESIGN.md, "Decode step").
+        mx.eval(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        rt = self._rt
+        if shape[1] > 1 or rt.mode in ("naive", "hybrid"):
+            y = self._streamed(x2, count_as_prefill=shape[1] > 1)
+            if shape[1] > 1 and rt.mode not in ("naive", "hybrid"):
+                self._seed_window(x2[-rt.window :])
+        else:
+            y = self._decode(x2)
+        if self._out_bias is not None:
+            y = y + self._out_bias
+        return y.reshape(shape)
+
+    def _streamed(self, x: mx.array, count_as_prefill: bool) -> mx.array:
+        """Whole-layer FFN with large sequential reads through the shared chunk buffer.
+
+        In hybrid mode the cache holds the layer's first neurons for good; only the rest is read.
+        """
+        rt, m = self._rt, self._rt.manifest
+        rows = rt.chunk.shape[0]
+        before = rt.reader.snapshot()
+        first = self.cache.num_used if rt.mode == "hybrid" else 0
+        y = self._ffn_cached(x) if first else None
+        for start in range(first, m.ffn_dim, rows):
+            n = min(rows, m.ffn_dim - start)
+            if m.packed:  # records inside blocks: the reader widens and copies
+                rt.reader.read(self.offset, np.arange(start, start + n), rt.chunk_np[:n])
+            else:
+                rt.reader.read_range(m.neuron_offset(self.layer, start), n * m.record_bytes,
+                                     rt.chunk_np[:n])
+            part = self._ffn(x, rt.chunk[:n], mx.arange(start, start + n))
+            part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
+            y = part if y is None else y + part
+            mx.eval(y)  # the chunk buffer is overwritten next
+        y = y.astype(x.dtype)
+        io = rt.reader.delta(before)
+        if count_as_prefill:
+            rt.stats.prefill_io = rt.stats.prefill_io + io
+            if self.layer == 0:
+                rt.stats.prefill_tokens += x.shape[0]
+                rt.stats.last_token_start = None  # a new prompt: the gap is not a token
+        else:
+            self._count_decode(io, 0.0, 0.0, 0, 0, 0)
+        return y
+
+    def _active(self, x: mx.array) -> np.ndarray:
+        """Sorted ids of the neurons to hold for the rows of x: predicted, or the exact set."""
+        if self.predictor is not None:
+            mask = self.predictor(x)  # (n, ffn) bool
+        else:
+            w_in, b_in = self._oracle
+            if not self._rt.exact_sparse:
+                return np.arange(w_in.shape[0])  # no exact zeros: every neuron is active
+            z = x @ w_in.T
+            mask = (z + b_in if b_in is not None else z) > 0
+        # The one device->host sync of the layer: the read plan needs the ids on the CPU.
+        return np.flatnonzero(np.array(mx.any(mask, axis=0)))
+
+    def _seed_window(self, x_last: mx.array) -> None:
+        """After prefill, hold the neurons of the last `window` prompt tokens."""
+        for row in range(x_last.shape[0]):
+            ids, _ = self._split_overflow(self._active(x_last[row : row + 1]))
+            self.cache.ensure(ids, self._step, self._rt.reader, self.offset)
+            self._step += 1
+        self.cache.slide(self._step - 1, self._rt.window)
+
+    def _split_overflow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids the cache takes, ids beyond its capacity). Cached ones are kept first."""
+        cap = self.cache.capacity
+        if len(ids) <= cap:
+            return ids, ids[:0]
+        present = self.cache.row_of[ids] >= 0
+        missing = ids[~present]
+        room = cap - int(present.sum())
+        return np.sort(np.concatenate([ids[present], missing[:room]])), missing[room:]
+
+    def _decode(self, x: mx.array) -> mx.array:
+        rt = self._rt
+        t0 = time.perf_counter()
+        ids = self._active(x)
+        t1 = time.perf_counter()
+        before = rt.reader.snapshot()
+        ids, overflow = self._split_overflow(ids)
+        stats = self.cache.ensure(ids, self._step, rt.reader, self.offset)
+        self.cache.slide(self._step, rt.window)
+        self._step += 1
+        y = self._ffn_cached(x)
+        streamed_s = 0.0  # the overflow's FFN, evaluated chunk by chunk: compute, not cache work
+        if len(overflow):
+            t2, io_before = time.perf_counter(), rt.reader.snapshot()
+            y = (y.astype(mx.float32) + self._uncached(x, overflow)).astype(x.dtype)
+            streamed_s = time.perf_counter() - t2 - rt.reader.delta(io_before).seconds
+        io = rt.reader.delta(before)
+        cache_s = time.perf_counter() - t1 - io.seconds - streamed_s
+        rt.stats.overflow += len(overflow)
+        self._count_decode(io, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted)
+        return y
+
+    def _uncached(self, x: mx.array, ids: np.ndarray) -> mx.array:
+        """FFN over neurons the cache cannot hold this token, through the stream buffer."""
+        rt = self._rt
+        rows = rt.chunk.shape[0]
+        y = None
+        for start in range(0, len(ids), rows):
+            part_ids = ids[start : start + rows]
+            n = len(part_ids)
+            rt.reader.read(self.offset, part_ids, rt.chunk_np[:n])
+            part = self._ffn(x, rt.chunk[:n], mx.array(part_ids))
+            part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
+            y = part if y is None else y + part
+            mx.eval(y)  # the stream buffer is overwritten next
+        return y
+
+    def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted,
+                      wait_s: float | None = None) -> None:
+        """Add one layer's decode figures; `wait_s`: the reading the decode waited for (all of
+        `io` unless some of it overlapped compute)."""
+        s = self._rt.stats
+        s.io = s.io + io
+        s.io_wait_s += io.seconds if wait_s is None else wait_s
+        s.predict_s += predict_s
+        s.cache_s += cache_s
+        s.hits += hits
+        s.misses += misses
+        s.evictions += evicted
+        if self.layer == 0:
+            # Layer 0 of token t+1 starts after token t is fully evaluated (the sync above).
+            now = time.perf_counter()
+            if s.last_token_start is not None:
+                s.timed_tokens += 1
+                s.token_s += now - s.last_token_start
+            s.last_token_start = now
+            s.tokens += 1
+
+
+def _times(h: mx.array, column: mx.array) -> mx.array:
+    """h (n_tok, n) times the column part (n, d)."""
+    if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
+        return (h.T * column).sum(axis=0, keepdims=True)
+    return h @ column
+
+
+def _new_cache(rt: FlashRuntime, capacity: int) -> NeuronCache:
+    """A layer's NeuronCache: each part's payload in a matrix of its own (no padding to multiply);
+    quantized records keep packed values, scales and biases apart, or are dequantized on insert."""
+    m = rt.manifest
+    spans = [p.span for p in m.parts]
+    if m.quantization is None:
+        return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans, staging=rt.chunk_np)
+    d = m.d_model
+    if rt.compute == "quantized":
+        fine = []
+        for p in m.parts:
+            w, s, _ = m.part_quantization(p).spans(d, m.itemsize)
+            lo, hi = p.span
+            fine += [(lo, lo + w), (lo + w, lo + w + s), (lo + w + s, hi)]
+        return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=fine, staging=rt.chunk_np)
+
+    def decode(rows: np.ndarray) -> list[np.ndarray]:
+        values = [m.part_values(rows, p) for p in m.parts]
+        return [quant.as_bytes(v) for v in values]
+
+    # DEQUANT_ROWS records at a time: MLX's CPU dequantize holds ~5x its output (memory.py)
+    return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans, staging=rt.chunk_np,
+                       decode=decode, widths=[d * m.itemsize] * len(m.parts),
+                       decode_rows=DEQUANT_ROWS)
