@@ -55,6 +55,7 @@ def load(
     lookahead: bool = True,
     routers: list | None = None,
     mapped: bool = False,
+    per_layer: bool = False,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -77,7 +78,10 @@ def load(
     `lookahead` (MoE): read the experts each layer's router is guessed to pick while the layer
     before it computes (moe.py). Benchmarks only: `routers` (per-layer callables x -> logits,
     with a `guess` for the lookahead) replace an MoE's routers; `mapped` reads records through
-    a memory map (the mmap baseline) instead of direct reads.
+    a memory map (the mmap baseline) instead of direct reads. `per_layer` (predicted mode, an
+    experiment): the neuron caches' rows shared out by each layer's predicted-active fraction
+    from calibration (`layer_capacities`) instead of the same rows for every layer; on opt-fixture it read
+    between 0.6% more and 2.6% fewer bytes (docs/BENCHMARKS.md), so it is off by default.
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -125,6 +129,7 @@ def load(
     else:
         predictors = None
     top_k = text.get(spec.top_k or "", 1)
+    by_layer = capacity is None and mode == "predicted" and per_layer
     if capacity is None:
         if manifest.experts:  # whole experts, at least the top-k experts of one token
             budget.require_experts(manifest.expert_ffn, top_k)
@@ -135,6 +140,9 @@ def load(
     if manifest.experts:  # whole experts; naive mode keeps none (its cache would go unused)
         slots = top_k if mode == "naive" else max(top_k, capacity // manifest.expert_ffn)
         capacity = slots * manifest.expert_ffn
+    capacities = [capacity] * manifest.num_layers
+    if by_layer and (fractions := _active_fractions(manifest)):
+        capacities = layer_capacities(capacity, fractions, manifest.ffn_dim)
     # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's
     # freed blocks would stay in the process beside the budget (a memory limit then kills it).
     mx.set_cache_limit(ALLOCATOR_CACHE_BYTES)
@@ -163,10 +171,10 @@ def load(
             if manifest.experts:
                 from .moe import FlashExperts
 
-                ffn = FlashExperts(rt, i, capacity, ahead)
+                ffn = FlashExperts(rt, i, capacities[i], ahead)
             else:
                 oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
-                ffn = FlashMLP(rt, i, capacity, biases.get(i, {}), oracle,
+                ffn = FlashMLP(rt, i, capacities[i], biases.get(i, {}), oracle,
                                predictors[i] if predictors else None)
             _set_module(layer, rt.spec.module, ffn)
             rt.layers.append(ffn)
@@ -187,6 +195,38 @@ def load(
     model.eval()
     model.flash = FlashState(mode, budget, rt, capacity, max_context)
     return model, load_tokenizer(path)
+
+
+def _active_fractions(m: Manifest) -> list[float] | None:
+    """Each layer's predicted-active fraction from the manifest's calibration entry, or None."""
+    rows = ((m.extra.get("predictors") or {}).get("layers")) or []
+    fractions = [r.get("predicted_active_fraction") for r in rows if isinstance(r, dict)]
+    ok = len(fractions) == m.num_layers and all(
+        isinstance(f, (int, float)) and f > 0 for f in fractions)
+    return fractions if ok else None
+
+
+def layer_capacities(capacity: int, fractions: list[float], ffn_dim: int) -> list[int]:
+    """The rows of `len(fractions)` caches of `capacity` rows each, shared out in proportion to
+    the layers' active fractions (a layer whose predictor marks 40% of its neurons needs more
+    rows than one that marks 5%), each at most `ffn_dim` (what a full layer leaves goes to the
+    others) and at least 1: `capacity * layers` in all, give or take a row per layer."""
+    total, n = capacity * len(fractions), len(fractions)
+    out = [0] * n
+    left = set(range(n))
+    while left:
+        weight = sum(fractions[i] for i in left)
+        share = {i: total * fractions[i] / weight for i in left}
+        full = {i for i in left if share[i] >= ffn_dim}
+        if not full:
+            for i in left:
+                out[i] = max(1, int(share[i]))
+            break
+        for i in full:
+            out[i] = ffn_dim
+            total -= ffn_dim
+        left -= full
+    return out
 
 
 def _module(layer: nn.Module, path: str) -> nn.Module:

@@ -161,3 +161,14 @@ def test_peak_rss_within_budget(tmp_path):
     used = r["peak"] - r["base"]
     overhead = 32 << 20  # load-time transients (one layer of records), MLX temporaries
     assert used <= r["budget"]["total"] + r["oracle"] + overhead, r
+
+
+def test_layer_capacities_follow_the_active_fractions():
+    from mlx_flash.runtime import layer_capacities
+
+    caps = layer_capacities(100, [0.5, 0.1, 0.1, 0.2], ffn_dim=1000)
+    assert caps == [222, 44, 44, 88] and sum(caps) <= 400
+    # a layer's share past its FFN goes to the others
+    caps = layer_capacities(600, [0.9, 0.1, 0.1], ffn_dim=1000)
+    assert caps[0] == 1000 and caps[1] == caps[2] == 400
+    assert layer_capacities(1, [1.0, 0.001], ffn_dim=10) == [1, 1]
