@@ -136,10 +136,10 @@ class Budget:
         others = self.total - self.free_for_cache
         need = top_k * expert_ffn * self.num_layers * self.neuron_bytes
         raise FlashError(
-            f"memory budget {format_bytes(self.total)} is too small for this MoE: every layer "
+            f"memory budget {format_bytes(self.total, 2)} is too small for this MoE: every layer "
             f"must hold the {top_k} experts a token picks ({format_bytes(need)} in all) beside "
             f"{format_bytes(others)} of resident weights, KV cache and buffers; give at least "
-            f"{format_bytes(others + need)} to --memory, or lower --max-context (the KV cache "
+            f"{format_bytes(others + need, 2)} to --memory, or lower --max-context (the KV cache "
             f"for {self.max_context} tokens takes {format_bytes(self.kv_cache)})")
 
     def as_dict(self, mode: str) -> dict:
