@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import NeuronCache
+from .dtypes import FLOATS, to_float32
 from .ffn import FlashMLP
 from .storage import ReadStats, aligned_empty
 
@@ -91,15 +92,16 @@ class FlashExperts(FlashMLP):
 
     # -- the products ---------------------------------------------------------------------------
 
-    def _glu(self, x: mx.array, slots: mx.array, mats: list, quantized: bool) -> mx.array:
-        """SwitchGLU of x (n, d) with the experts at `slots` (n, k) of `mats`, one (slots, F, w)
-        matrix (or quantized triple) per record part: (n, k, d)."""
+    def _glu(self, x: mx.array, picks: np.ndarray, mats: list, quantized: bool) -> mx.array:
+        """SwitchGLU of x (n, d) with the experts at slots `picks` (n, k) of `mats`, one
+        (slots, F, w) matrix (or quantized triple) per record part: (n, k, d)."""
         rt = self._rt
+        slots = mx.array(picks.astype(np.int32))
         xe = mx.expand_dims(x, (-2, -3))  # (n, 1, 1, d)
 
         def times(a, p, mat, transpose):
             if not quantized:
-                return _gather_mm(a, mat.swapaxes(-1, -2) if transpose else mat, slots)
+                return _gather_mm(a, mat.swapaxes(-1, -2) if transpose else mat, picks)
             w, s, b = mat
             return mx.gather_qmm(a, w, s, b, rhs_indices=slots, transpose=transpose,
                                  **self._qkw[p.name])
@@ -160,8 +162,7 @@ class FlashExperts(FlashMLP):
         self._step += 1
         slots = self.cache.row_of[chosen * self.expert_ffn] // self.expert_ffn
         mats, quantized = self._cache_mats()
-        y = self._glu(x.astype(mx.float32) if quantized else x,
-                      mx.array(slots[None].astype(np.int32)), mats, quantized)
+        y = self._glu(x.astype(mx.float32) if quantized else x, slots[None], mats, quantized)
         io = rt.reader.delta(before)
         t1 = time.perf_counter()
         if self._next.layer is not None and self._lookahead is not None:
@@ -191,8 +192,7 @@ class FlashExperts(FlashMLP):
             pairs = np.flatnonzero(local[flat] >= 0)
             mats, quantized = self._record_mats(rt.chunk[: len(ids)], len(group))
             xs = x[mx.array(pairs // k)].astype(mx.float32)
-            out = self._glu(xs, mx.array(local[flat[pairs]][:, None].astype(np.int32)), mats,
-                            quantized)
+            out = self._glu(xs, local[flat[pairs]][:, None], mats, quantized)
             y[mx.array(pairs)] = out[:, 0].astype(mx.float32)
             mx.eval(y)  # the stream buffer is overwritten next
             local[group] = -1
@@ -213,27 +213,22 @@ class FlashExperts(FlashMLP):
             self._step += 1
 
 
-def _gather_mm(a: mx.array, w: mx.array, slots: mx.array) -> mx.array:
-    """`gather_mm(a, w, rhs_indices=slots)`; MLX's CPU kernel takes float32 only, so other
+def _gather_mm(a: mx.array, w: mx.array, picks: np.ndarray) -> mx.array:
+    """`gather_mm(a, w, rhs_indices=picks)`; MLX's CPU kernel takes float32 only, so other
     dtypes multiply expert by expert (views of the cache: nothing copied)."""
     if w.dtype == mx.float32:
-        return mx.gather_mm(a.astype(mx.float32), w, rhs_indices=slots)
-    n, k = slots.shape
-    picks = np.array(slots).reshape(-1)
+        return mx.gather_mm(a.astype(mx.float32), w, rhs_indices=mx.array(picks.astype(np.int32)))
+    n, k = picks.shape
     shared = a.shape[1] == 1  # a (n, 1, 1, in): one row for all k, or (n, k, 1, in)
-    rows = [a[i // k, 0 if shared else i % k] @ w[int(s)] for i, s in enumerate(picks)]
+    rows = [a[i // k, 0 if shared else i % k] @ w[int(s)]
+            for i, s in enumerate(picks.reshape(-1))]
     return mx.stack(rows).reshape(n, k, 1, w.shape[-1])
 
 
 def _float32_bytes(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """(n, bytes) uint8 of float16/bfloat16/float32 values -> the same values as float32 bytes."""
-    raw = np.ascontiguousarray(raw)
-    if dtype == "float32":
-        return raw
-    half = raw.view(np.uint16)
-    if dtype == "bfloat16":  # the upper half of a binary32
-        return (half.astype(np.uint32) << 16).view(np.uint8)
-    return half.view(np.float16).astype(np.float32).view(np.uint8)
+    """(n, bytes) uint8 of `dtype` values -> the same values as float32 bytes."""
+    values = np.ascontiguousarray(raw).view(FLOATS[dtype].storage)
+    return to_float32(values, dtype).view(np.uint8)
 
 
 class Lookahead:

@@ -23,7 +23,7 @@ from mlx_flash.loader import load_model
 from mlx_flash.runtime import load
 
 from .conftest import fixture_path
-from .test_models import NEW, _reference_greedy
+from .test_models import NEW, _check, _reference_greedy
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -88,15 +88,6 @@ def case(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def flash_dir(case):
     return convert(str(case[0]), out=case[0].parent / "flash", align=4096, progress=False)
-
-
-def _check(model, case):
-    _, ids, ref_logits, ref_tokens = case
-    logits, tokens = _greedy(model, ids)
-    diff = float(np.abs(logits - ref_logits).max())
-    print(f"max |logit diff| {diff:.2e}")
-    assert diff <= TOL
-    assert tokens == ref_tokens
 
 
 def test_dense_matches_transformers(case):

@@ -152,6 +152,17 @@ class _Sink:
         return size
 
 
+def write_resident(m: fmt.Manifest, resident: dict, dtype: str, seed: int,
+                   q: Quantization | None, quantized: set) -> fmt.Manifest:
+    """Write resident.safetensors (`resident`: name -> (dtype, shape); the names in `quantized`
+    are quantized layers' tensors) and return the manifest with its size."""
+    sink = _Sink(m.resident_path)
+    sink.write(_safetensors_header([(n, d, s) for n, (d, s) in resident.items()]))
+    for n, (_, s) in resident.items():
+        sink.write(_tensor(n, s, dtype, seed, q if n in quantized else None))
+    return dataclasses.replace(m, resident_bytes=sink.close())
+
+
 def _safetensors_header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
     return encode_header(specs, {"format": "pt", "synthetic": "true"})
 
@@ -269,11 +280,7 @@ def write_synthetic_flash(
             raise RuntimeError("ffn.bundles has the wrong size (internal error)")
         if hf is not None:
             hf.close()
-        sink = _Sink(m.resident_path)
-        sink.write(_safetensors_header([(n, d, s) for n, (d, s) in resident.items()]))
-        for n, (_, s) in resident.items():
-            sink.write(_tensor(n, s, dtype, seed, q if n in quantized else None))
-        m = dataclasses.replace(m, resident_bytes=sink.close())
+        m = write_resident(m, resident, dtype, seed, q, quantized)
         for target in [partial] + ([hf_partial] if hf_partial else []):
             (target / "config.json").write_text(json.dumps(config, indent=1))
             for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -17,7 +17,6 @@ from this model are synthetic: speed, I/O and memory only, never quality.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_flash import EMBEDDED, _layer_records, _safetensors_header, _Sink, _tensor  # noqa: E402
+from synthetic_flash import EMBEDDED, _layer_records, _Sink, write_resident  # noqa: E402
 
 from mlx_flash import format as fmt  # noqa: E402
 from mlx_flash.bench.routing import ROUTING_FILE, routing_spec  # noqa: E402
@@ -103,11 +102,7 @@ def write_synthetic_moe(
             print(file=sys.stderr)
         if ffn.close() != m.ffn_bytes:
             raise RuntimeError("ffn.bundles has the wrong size (internal error)")
-        sink = _Sink(m.resident_path)
-        sink.write(_safetensors_header([(n, d, s) for n, (d, s) in resident.items()]))
-        for n, (_, s) in resident.items():
-            sink.write(_tensor(n, s, DTYPE, seed, q if n in quantized else None))
-        m = dataclasses.replace(m, resident_bytes=sink.close())
+        m = write_resident(m, resident, DTYPE, seed, q, quantized)
         (partial / "config.json").write_text(json.dumps(config, indent=1))
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(EMBEDDED / name, partial / name)
