@@ -31,7 +31,9 @@ ModeOpt = Annotated[
     typer.Option("--mode", help="auto (dense if the budget holds the model, else predicted, or "
                  "oracle without predictors), dense, naive (the whole FFN read per token), "
                  "hybrid (the budget's share of each layer resident, the rest read per token), "
-                 "oracle (the exact active neurons: a correctness reference) or predicted."),
+                 "oracle (the exact active neurons: a correctness reference) or predicted. "
+                 "A mixture of experts runs routed (auto, oracle, predicted: the router's "
+                 "experts through the expert cache) or naive (every routed expert read)."),
 ]
 WindowOpt = Annotated[
     int | None,
