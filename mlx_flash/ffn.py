@@ -17,6 +17,7 @@ import numpy as np
 from . import activations, models, platform, quant
 from .cache import NeuronCache
 from .format import Manifest
+from .lookahead import Prefetched
 from .memory import DEQUANT_ROWS, stream_rows
 from .state import FlashStats
 from .storage import FlashReader, ReadStats, aligned_empty
@@ -47,10 +48,27 @@ class FlashRuntime:
             self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads,
                                       max_request_bytes=max_request_bytes, part_spans=spans)
         self.stats = FlashStats()
-        # (rows, record) buffer through which whole layers and the overflow stream
-        self.chunk, self.chunk_np = aligned_empty(stream_rows(manifest), manifest.record_bytes)
+        # (rows, record) buffer through which whole layers and the overflow stream, and (float
+        # records) each record part of it copied out contiguous: the products multiply the payload
+        rows = stream_rows(manifest)
+        self.chunk, self.chunk_np = aligned_empty(rows, manifest.record_bytes)
+        self._stage = ([aligned_empty(rows, p.nbytes) for p in manifest.parts]
+                       if manifest.quantization is None else [])
         self.layers: list[FlashMLP] = []
-        self.lookahead = None  # MoE: moe.Lookahead, the reads started a layer early
+        # the reads started a layer early: moe.Lookahead (MoE) or lookahead.Prefetch (dense)
+        self.lookahead = None
+
+    def staged_parts(self, n: int) -> list[mx.array]:
+        """The first n records of the stream buffer, each part as a contiguous (n, part bytes)
+        uint8 array (a numpy copy: MLX's CPU matmul over a strided column slice of the records
+        costs 2-3x the contiguous one at OPT-6.7B shapes, and padding x to the record width
+        multiplies every part's zeros). Valid until the next call."""
+        out = []
+        for p, (array, view) in zip(self.manifest.parts, self._stage, strict=True):
+            lo, hi = p.span
+            view[:n] = self.chunk_np[:n, lo:hi]
+            out.append(array[:n])
+        return out
 
     def close(self) -> None:
         if self.lookahead is not None:
@@ -98,38 +116,38 @@ class FlashMLP(nn.Module):
         self._qkw = {p.name: m.part_quantization(p).kwargs for p in m.parts
                      if m.quantization is not None}
         self._out_bias = biases.get(rt.spec.column_part.name)
+        self.pending = None  # lookahead.Pending: this layer's records read a layer early
+        self._follower = _Follower(None)  # the next layer, whose reads this one starts
+
+    def follow_with(self, nxt: FlashMLP) -> None:
+        """Guess `nxt`'s active set from this layer's input and read it early (lookahead.py)."""
+        self._follower = _Follower(nxt)
 
     def _new_cache(self, rt: FlashRuntime, capacity: int) -> NeuronCache:
         return _new_cache(rt, capacity)
 
     # -- the FFN over a block of records -------------------------------------------------------
 
-    def _ffn(self, x: mx.array, records: mx.array, ids: mx.array | None) -> mx.array:
-        """FFN of x (n_tok, d) over whole `records` ((n, record_bytes) uint8) holding neurons
-        `ids` (the stream buffer: prefill, naive, overflow)."""
-        m = self._rt.manifest
+    def _ffn(self, x: mx.array, n: int, ids: mx.array | None) -> mx.array:
+        """FFN of x (n_tok, d) over the first `n` records of the stream buffer, which hold
+        neurons `ids` (prefill, naive, overflow)."""
+        rt = self._rt
+        m = rt.manifest
         if m.quantization is not None:
             # quantized_matmul straight on the records: as fast as dequantize + matmul on MLX's
             # CPU backend (the fast path on GPUs), without dequantize's ~5x transient there. In
             # float32: MLX's CPU kernel in float16 is ~10x less exact than a float16 matmul.
             def times(a: mx.array, p, transpose: bool) -> mx.array:
-                w, s, b = m.part_arrays(records, p)
+                w, s, b = m.part_arrays(rt.chunk[:n], p)
                 return mx.quantized_matmul(a.astype(mx.float32), w, s.astype(mx.float32),
                                            b.astype(mx.float32), transpose=transpose,
                                            **self._qkw[p.name])
 
             rows = {p.name: times(x, p, True) for p in self._row_parts}
             return self._combine(rows, lambda h: times(h, self._column_part, False), ids)
-        values = records.view(m.mx_dtype)
-        width, size = values.shape[1], m.itemsize
-        rows = {}
-        for p in self._row_parts:
-            lo, hi = p.offset // size, (p.offset + p.nbytes) // size
-            # x zero-padded to the record width keeps each row product on contiguous records:
-            # MLX's CPU backend copies a strided slice before a matmul, ~10x the product's cost.
-            rows[p.name] = mx.pad(x, [(0, 0), (lo, width - hi)]) @ values.T
-        lo, hi = (o // size for o in self._column_part.span)
-        column = values[:, lo:hi]
+        mats = {p.name: raw for p, raw in zip(m.parts, rt.staged_parts(n), strict=True)}
+        rows = {p.name: x @ mats[p.name].view(m.mx_dtype).T for p in self._row_parts}
+        column = mats[self._column_part.name].view(m.mx_dtype)
         return self._combine(rows, lambda h: _times(h, column), ids)
 
     def _ffn_cached(self, x: mx.array) -> mx.array:
@@ -197,7 +215,7 @@ class FlashMLP(nn.Module):
             else:
                 rt.reader.read_range(m.neuron_offset(self.layer, start), n * m.record_bytes,
                                      rt.chunk_np[:n])
-            part = self._ffn(x, rt.chunk[:n], mx.arange(start, start + n))
+            part = self._ffn(x, n, mx.arange(start, start + n))
             part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
             y = part if y is None else y + part
             mx.eval(y)  # the chunk buffer is overwritten next
@@ -225,13 +243,24 @@ class FlashMLP(nn.Module):
         # The one device->host sync of the layer: the read plan needs the ids on the CPU.
         return np.flatnonzero(np.array(mx.any(mask, axis=0)))
 
+    def _guess(self, x: mx.array) -> np.ndarray:
+        """This layer's active set guessed from the previous layer's input x (the lookahead)."""
+        guess = getattr(self.predictor, "guess", None)
+        if guess is None:
+            return self._active(x)
+        # a benchmark's planted predictor: a guess must not advance its sequence of sets
+        return np.flatnonzero(np.array(mx.any(guess(x), axis=0)))
+
     def _seed_window(self, x_last: mx.array) -> None:
         """After prefill, hold the neurons of the last `window` prompt tokens."""
+        rt = self._rt
+        before = rt.reader.snapshot()
         for row in range(x_last.shape[0]):
             ids, _ = self._split_overflow(self._active(x_last[row : row + 1]))
-            self.cache.ensure(ids, self._step, self._rt.reader, self.offset)
+            self.cache.ensure(ids, self._step, rt.reader, self.offset)
             self._step += 1
-        self.cache.slide(self._step - 1, self._rt.window)
+        self.cache.slide(self._step - 1, rt.window)
+        rt.stats.prefill_io = rt.stats.prefill_io + rt.reader.delta(before)  # the prompt's reads
 
     def _split_overflow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids the cache takes, ids beyond its capacity). Cached ones are kept first."""
@@ -247,25 +276,42 @@ class FlashMLP(nn.Module):
         rt = self._rt
         t0 = time.perf_counter()
         ids = self._active(x)
+        nxt, ahead = self._follower.layer, rt.lookahead
+        if nxt is not None and ahead is not None:  # the next layer's guess, read meanwhile
+            # (its predictor on this layer's input: on SmolLM2 98% of what the next layer then
+            # loaded, against 89% for the previous token's set of that layer)
+            ahead.start(nxt, nxt._guess(x))
         t1 = time.perf_counter()
+        reader, early, wait_s = rt.reader, ReadStats(), 0.0
+        if self.pending is not None:  # what the previous layer read for this one
+            early = self.pending.future.result()
+            wait_s = time.perf_counter() - t1
+            reader = Prefetched(self.pending, rt.reader)
         before = rt.reader.snapshot()
         ids, overflow = self._split_overflow(ids)
-        stats = self.cache.ensure(ids, self._step, rt.reader, self.offset)
+        stats = self.cache.ensure(ids, self._step, reader, self.offset)
         self.cache.slide(self._step, rt.window)
         self._step += 1
         y = self._ffn_cached(x)
         streamed_s = 0.0  # the overflow's FFN, evaluated chunk by chunk: compute, not cache work
         if len(overflow):
             t2, io_before = time.perf_counter(), rt.reader.snapshot()
-            y = (y.astype(mx.float32) + self._uncached(x, overflow)).astype(x.dtype)
+            y = (y.astype(mx.float32) + self._uncached(x, overflow, reader)).astype(x.dtype)
             streamed_s = time.perf_counter() - t2 - rt.reader.delta(io_before).seconds
         io = rt.reader.delta(before)
-        cache_s = time.perf_counter() - t1 - io.seconds - streamed_s
+        if self.pending is not None:
+            s = rt.stats
+            s.guessed += len(self.pending.held)
+            s.guessed_right += reader.used
+            s.needed += reader.needed
+            self.pending = None
+        cache_s = time.perf_counter() - t1 - wait_s - io.seconds - streamed_s
         rt.stats.overflow += len(overflow)
-        self._count_decode(io, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted)
+        self._count_decode(io + early, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted,
+                           wait_s=wait_s + io.seconds)
         return y
 
-    def _uncached(self, x: mx.array, ids: np.ndarray) -> mx.array:
+    def _uncached(self, x: mx.array, ids: np.ndarray, reader) -> mx.array:
         """FFN over neurons the cache cannot hold this token, through the stream buffer."""
         rt = self._rt
         rows = rt.chunk.shape[0]
@@ -273,8 +319,8 @@ class FlashMLP(nn.Module):
         for start in range(0, len(ids), rows):
             part_ids = ids[start : start + rows]
             n = len(part_ids)
-            rt.reader.read(self.offset, part_ids, rt.chunk_np[:n])
-            part = self._ffn(x, rt.chunk[:n], mx.array(part_ids))
+            reader.read(self.offset, part_ids, rt.chunk_np[:n])
+            part = self._ffn(x, n, mx.array(part_ids))
             part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
             y = part if y is None else y + part
             mx.eval(y)  # the stream buffer is overwritten next
@@ -302,9 +348,19 @@ class FlashMLP(nn.Module):
             s.tokens += 1
 
 
+class _Follower:
+    """The next layer, kept out of the module tree."""
+
+    def __init__(self, layer: FlashMLP | None):
+        self.layer = layer
+
+
 def _times(h: mx.array, column: mx.array) -> mx.array:
     """h (n_tok, n) times the column part (n, d)."""
-    if h.shape[0] == 1:  # decode: multiply-sum beats the transposed matvec (3-5x)
+    if h.shape[0] == 1 and h.dtype != mx.float32:
+        # decode in half precision: multiply-sum on MLX's CPU backend. It beats the matvec in
+        # bfloat16 (24.8 vs 31.9 ms for 4096x4096); in float16 the matvec is faster (1.2 vs 3.4
+        # ms for SmolLM2's 1536x576) but rounds worse: SmolLM2 4-bit then lost its answer.
         return (h.T * column).sum(axis=0, keepdims=True)
     return h @ column
 

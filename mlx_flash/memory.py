@@ -22,6 +22,8 @@ NEURON_BOOKKEEPING = 16  # bytes a cached neuron costs beside its values: its id
 # (measured: 22.2 MB for a (2048, 1024) bfloat16 result); the budget counts one piece of it.
 DEQUANT_ROWS = 128
 DEQUANT_PEAK = 6
+# the most the dense lookahead's two buffers (and their reader's scratch) take (lookahead.py)
+LOOKAHEAD_BYTES = 64 << 20
 _FORMS = "bytes with a unit (8GB, 512MiB, 8B), a fraction of RAM (0.5, 25%) or of the model (50%model)"
 
 
@@ -75,6 +77,12 @@ def stream_rows(manifest: Manifest) -> int:
     return max(1, rows)
 
 
+def lookahead_row_bytes(record_bytes: int, packed: bool) -> int:
+    """Memory one row of the dense lookahead costs: a record in each of its two buffers, and for
+    packed records the reader's scratch blocks as large again (storage.py)."""
+    return record_bytes * (3 if packed else 2)
+
+
 def _kv_bytes(config: dict, manifest: Manifest, max_context: int) -> int:
     heads = config.get("num_attention_heads", 1)
     head_dim = config.get("head_dim") or manifest.d_model // heads
@@ -115,6 +123,15 @@ class Budget:
     @property
     def neuron_cache(self) -> int:
         return self.capacity * self.num_layers * self.neuron_bytes
+
+    def plan_lookahead(self, row_bytes: int) -> int:
+        """Rows of the dense lookahead's buffers (lookahead.py), each row costing `row_bytes`: at
+        most a layer, LOOKAHEAD_BYTES, and half of what the neuron caches would get; counted in
+        `buffers`."""
+        rows = min(self.ffn_dim, LOOKAHEAD_BYTES // row_bytes,
+                   max(0, self.free_for_cache) // 2 // row_bytes)
+        self.buffers += rows * row_bytes
+        return rows
 
     def require_flash(self) -> None:
         if self.capacity < 1:
@@ -166,8 +183,8 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
     model = m.resident_bytes + m.num_layers * m.ffn_dim * m.payload_bytes  # its bytes on disk
     # the stream buffer, and for packed records the reader's scratch blocks as large again
     buffers = stream_rows(m) * m.record_bytes * (2 if m.packed else 1)
-    if m.quantization is not None:  # a chunk's parts made contiguous for quantized_matmul
-        buffers += stream_rows(m) * m.payload_bytes
+    # a chunk's parts made contiguous (ffn.py: float records copied out, quantized ones by MLX)
+    buffers += stream_rows(m) * m.payload_bytes
     if compute == "dequantized":  # one piece being dequantized: MLX's transient + its values
         buffers += DEQUANT_ROWS * (DEQUANT_PEAK + 1) * d_float * len(m.parts)
     # the caches' bookkeeping: each layer's row of every neuron, each cached neuron's id and age

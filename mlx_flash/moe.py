@@ -208,9 +208,12 @@ class FlashExperts(FlashMLP):
 
     def _seed(self, chosen: np.ndarray) -> None:
         """After prefill, hold the experts of the last prompt tokens (the most recent last)."""
+        rt = self._rt
+        before = rt.reader.snapshot()
         for row in chosen:
-            self.cache.ensure(self._ids(np.unique(row)), self._step, self._rt.reader, self.offset)
+            self.cache.ensure(self._ids(np.unique(row)), self._step, rt.reader, self.offset)
             self._step += 1
+        rt.stats.prefill_io = rt.stats.prefill_io + rt.reader.delta(before)  # the prompt's reads
 
 
 def _gather_mm(a: mx.array, w: mx.array, picks: np.ndarray) -> mx.array:

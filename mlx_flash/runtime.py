@@ -20,7 +20,8 @@ from .errors import FlashError
 from .ffn import FlashMLP, FlashRuntime
 from .format import Manifest, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer, quantize_modules
-from .memory import Budget, plan_budget
+from .lookahead import Prefetch
+from .memory import Budget, lookahead_row_bytes, plan_budget
 from .profiles import profile_used, reader_settings
 from .state import FlashState, FlashStats
 
@@ -52,7 +53,7 @@ def load(
     bundled: bool = True,
     max_request_bytes: int | None = None,
     compute: str | None = None,
-    lookahead: bool = True,
+    lookahead: bool | None = None,
     routers: list | None = None,
     mapped: bool = False,
     per_layer: bool = False,
@@ -75,8 +76,12 @@ def load(
     `compute` (quantized records): `quantized` keeps cached neurons quantized and multiplies
     with `quantized_matmul`, `dequantized` dequantizes them on insert (float cache, counted in
     the budget); default by device (`quant.default_compute`).
-    `lookahead` (MoE): read the experts each layer's router is guessed to pick while the layer
-    before it computes (moe.py). Benchmarks only: `routers` (per-layer callables x -> logits,
+    `lookahead`: read what each layer is guessed to need while the layer before it computes:
+    an MoE's experts from the next router (moe.py), a dense model's neurons from the next
+    predictor (oracle: the next dense input product) applied a layer early (lookahead.py; its
+    buffers take at most half of what the budget leaves for the neuron caches, and 64 MiB).
+    Default (None): on for an MoE, off for a dense FFN (measured: no gain on this 2-core
+    machine, where its reads and predictor pass compete with compute; docs/BENCHMARKS.md). Benchmarks only: `routers` (per-layer callables x -> logits,
     with a `guess` for the lookahead) replace an MoE's routers; `mapped` reads records through
     a memory map (the mmap baseline) instead of direct reads. `per_layer` (predicted mode, an
     experiment): the neuron caches' rows shared out by each layer's predicted-active fraction
@@ -130,6 +135,12 @@ def load(
         predictors = None
     top_k = text.get(spec.top_k or "", 1)
     by_layer = capacity is None and mode == "predicted" and per_layer
+    if lookahead is None:
+        lookahead = bool(manifest.experts)
+    ahead_rows = 0  # dense lookahead: its buffers come out of the budget before the caches
+    if lookahead and not manifest.experts and mode in ("oracle", "predicted"):
+        ahead_rows = budget.plan_lookahead(
+            lookahead_row_bytes(manifest.record_bytes, manifest.packed))
     if capacity is None:
         if manifest.experts:  # whole experts, at least the top-k experts of one token
             budget.require_experts(manifest.expert_ffn, top_k)
@@ -166,6 +177,8 @@ def load(
         from .moe import Lookahead
 
         ahead = rt.lookahead = Lookahead(rt, top_k)
+    elif ahead_rows:
+        rt.lookahead = Prefetch(rt, ahead_rows)
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
             if manifest.experts:
@@ -181,6 +194,9 @@ def load(
             if mode == "hybrid":  # the budget's share stays resident: the first neurons
                 ffn.cache.ensure(np.arange(capacity), 0, rt.reader, ffn.offset)
     model.load_weights(list(weights.items()), strict=True)
+    if ahead_rows:
+        for before, after in zip(rt.layers, rt.layers[1:]):
+            before.follow_with(after)
     if manifest.experts:
         for i, layer in enumerate(model.layers):
             if routers is not None:

@@ -36,7 +36,8 @@ class FlashStats:
     evictions: int = 0
     overflow: int = 0  # active neurons read past the cache because it was full
     guessed: int = 0  # MoE lookahead: experts guessed for the next layer
-    guessed_right: int = 0  # of those, the ones its router then chose
+    guessed_right: int = 0  # of those, the ones its router then chose (dense: records used)
+    needed: int = 0  # dense lookahead: records the guessed layers loaded (read early or not)
     prefill_tokens: int = 0
     prefill_io: ReadStats = field(default_factory=ReadStats)
     last_token_start: float | None = None
@@ -69,6 +70,8 @@ class FlashStats:
             else round(max(token_ms - wait_ms - cache_ms - predict_ms, 0.0), 3),
             "lookahead_hit_rate": round(self.guessed_right / self.guessed, 4)
             if self.guessed else None,
+            # of the records the layers loaded, the share the lookahead had read (dense)
+            "lookahead_recall": round(self.guessed_right / self.needed, 4) if self.needed else None,
             "token_ms": None if token_ms is None else round(token_ms, 3),
             "tokens_per_s": None if token_ms is None else round(1000 / token_ms, 2),
             "cache_hit_rate": round(self.hits / looked_up, 4) if looked_up else None,

@@ -49,13 +49,16 @@ def _greedy_logits(model, tokenizer, n=NEW):
     return tokens, np.stack(steps)
 
 
-@pytest.mark.parametrize("variant", ["window4", "window1", "tiny-capacity", "overflow"])
+@pytest.mark.parametrize("variant", ["window4", "window1", "tiny-capacity", "overflow",
+                                     "lookahead", "lookahead-overflow"])
 @pytest.mark.parametrize("name", ["opt-fixture", "llama-relu-fixture"])
 def test_oracle_is_exact(flash_dirs, name, variant):
     path = flash_dirs[name]
     dense, tok = load_dense(path)
     kwargs = {"window1": dict(window=1), "tiny-capacity": dict(capacity=TINY_CAPACITY[name]),
-              "overflow": dict(capacity=64)}  # below one token's active set: streamed past the cache
+              "overflow": dict(capacity=64),  # below one token's active set: streamed past the cache
+              "lookahead": dict(lookahead=True),  # records read a layer early, from a guess
+              "lookahead-overflow": dict(lookahead=True, capacity=64)}
     flash, _ = runtime.load(path, memory="1GB", mode="oracle", **kwargs.get(variant, {}))
     ref_tokens, ref_logits = _greedy_logits(dense, tok)
     tokens, logits = _greedy_logits(flash, tok)
@@ -66,9 +69,11 @@ def test_oracle_is_exact(flash_dirs, name, variant):
     assert 0 < stats["flash_bytes_per_token"] < flash.flash.budget.dense_ffn
     if variant == "tiny-capacity":
         assert stats["evictions_per_token"] >= 1 and stats["overflow_neurons_per_token"] == 0
-    elif variant == "overflow":
+    elif variant.endswith("overflow"):
         assert stats["overflow_neurons_per_token"] > 0
-    else:
+    if variant.startswith("lookahead"):  # some loads came from the guess, the rest were read
+        assert 0 < stats["lookahead_recall"] < 1 and stats["io_wait_ms_per_token"] > 0
+    elif variant not in ("tiny-capacity", "overflow"):
         assert stats["evictions_per_token"] == 0
 
 
@@ -94,15 +99,21 @@ def test_naive_reads_the_whole_ffn_every_token(flash_dirs):
 
 def test_reader_bytes_equal_os_read_bytes(flash_dirs):
     path = flash_dirs["llama-relu-fixture"]
-    model, tok = runtime.load(path, memory="1GB", mode="oracle")
+    model, tok = runtime.load(path, memory="1GB", mode="oracle", lookahead=True)
     if not model.flash.runtime.reader.direct or platform.process_read_bytes() is None:
         pytest.skip("needs O_DIRECT and /proc/self/io")
     assert platform.evict_from_page_cache(path / "ffn.bundles")
-    reader = model.flash.runtime.reader
-    before_os, before = platform.process_read_bytes(), reader.snapshot()
+    rt = model.flash.runtime
+    assert rt.lookahead is not None  # its reader counts too
+    readers = [rt.reader, rt.lookahead.reader]
+    before_os, before = platform.process_read_bytes(), [r.snapshot() for r in readers]
+    counters = model.flash.counters()
     _greedy_logits(model, tok, n=16)
     read_os = platform.process_read_bytes() - before_os
-    assert read_os == reader.delta(before).bytes > 0
+    read = [r.delta(b).bytes for r, b in zip(readers, before, strict=True)]
+    assert read_os == sum(read) and min(read) > 0
+    s = rt.stats.since(counters)
+    assert s.io.bytes + s.prefill_io.bytes == sum(read)  # what --json reports
 
 
 def test_auto_mode_loads_dense_when_the_model_fits(flash_dirs):

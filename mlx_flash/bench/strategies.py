@@ -6,7 +6,7 @@ from .. import platform
 from ..errors import FlashError
 
 STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "+cache", "all",
-              "mmap", "mmap-nolimit")
+              "+lookahead", "mmap", "mmap-nolimit")
 # An MoE's: every routed expert read per token, + the expert cache, + lookahead and the probed
 # reader (`all`), and the mmap baseline over the flash dir's own records
 MOE_STRATEGIES = ("dense", "naive", "+cache", "all", "mmap")
@@ -14,16 +14,19 @@ FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings
     "naive": dict(mode="naive"),
     "+cache": dict(mode="oracle", lookahead=False),
     "hybrid": dict(mode="hybrid"),
-    "predicted": dict(mode="predicted", window=1, bundled=False),
-    "+window": dict(mode="predicted", bundled=False),
-    "+bundling": dict(mode="predicted", bundled=True),
+    "predicted": dict(mode="predicted", window=1, bundled=False, lookahead=False),
+    "+window": dict(mode="predicted", bundled=False, lookahead=False),
+    "+bundling": dict(mode="predicted", bundled=True, lookahead=False),
     "all": dict(mode="predicted", bundled=True, probed=True),
+    # a dense model's `all` + the lookahead (off by default: runtime.load)
+    "+lookahead": dict(mode="predicted", bundled=True, probed=True, lookahead=True),
 }
-PREDICTED = ("predicted", "+window", "+bundling", "all")
+PREDICTED = ("predicted", "+window", "+bundling", "all", "+lookahead")
 
 
 def parse_strategies(spec: str | list[str] | None, experts: bool = False) -> list[str]:
-    """Strategy names from a comma list (`window`, `bundling` and `cache` may drop the `+`);
+    """Strategy names from a comma list (`window`, `bundling`, `cache`, `lookahead` may drop
+    the `+`);
     default: all of them, or an MoE's (`experts`)."""
     if spec is None:
         return list(MOE_STRATEGIES if experts else STRATEGIES)

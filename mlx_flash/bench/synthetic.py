@@ -11,6 +11,10 @@ from ..errors import FlashError
 
 SYNTHETIC_FILE = "synthetic_predictors.json"
 SYNTHETIC_VERSION = 1
+# The dense lookahead's guess of a layer's next set (its predictor applied to the previous
+# layer's input), as measured on SmolLM2-135M-Instruct at 65%model (tools/measure_lookahead.py):
+# 98.4% of the records the layer then loaded had been guessed, 94.7% of the guessed were used.
+GUESS_RECALL, GUESS_PRECISION = 0.984, 0.947
 
 
 def synthetic_spec(active: float = 0.033, false_positive_rate: float = 0.07, held: float = 0.25,
@@ -50,6 +54,7 @@ class SyntheticPredictor:
 
     def __init__(self, ffn_dim: int, layer: int, spec: dict):
         self.rng = np.random.default_rng([int(spec["seed"]), layer])
+        self.guess_rng = np.random.default_rng([int(spec["seed"]), layer, 1])
         self.order = self.rng.permutation(ffn_dim)  # the first n_pool ids are the pool
         self.n_pool = max(1, round(spec["pool_fraction"] * ffn_dim))
         self.flicker, self.drift = float(spec["flicker"]), float(spec["drift"])
@@ -72,6 +77,23 @@ class SyntheticPredictor:
         import mlx.core as mx
 
         return mx.array(np.stack([self.step() for _ in range(x.shape[0])]))
+
+    def guess(self, x):
+        """The next call's (1, ffn) mask as the lookahead would guess it (GUESS_RECALL of its
+        neurons, GUESS_PRECISION of the guess right), without advancing the sequence."""
+        import mlx.core as mx
+
+        saved = (self.rng.bit_generator.state, self.order.copy(), self.steps, self.predicted)
+        nxt = self.step()
+        self.rng.bit_generator.state, self.order, self.steps, self.predicted = saved
+        true = np.flatnonzero(nxt)
+        kept = true[self.guess_rng.random(len(true)) < GUESS_RECALL]
+        others = np.flatnonzero(~nxt)
+        wrong = min(len(others), round(len(kept) * (1 / GUESS_PRECISION - 1)))
+        mask = np.zeros_like(nxt)
+        mask[kept] = True
+        mask[self.guess_rng.choice(others, wrong, replace=False)] = True
+        return mx.array(mask[None])
 
 
 def load_synthetic(path: str | Path, ffn_dim: int, num_layers: int) -> list | None:

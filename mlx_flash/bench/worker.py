@@ -118,7 +118,8 @@ def _worker(spec: dict) -> dict:
         row.update(flash_bytes_per_token=st["flash_bytes_per_token"],
                    read_requests_per_token=st["read_requests_per_token"],
                    read_gb_per_s=st["read_gb_per_s"], cache_hit_rate=st["cache_hit_rate"],
-                   io_wait_ms=round(wait_ms, 1), lookahead_hit_rate=st["lookahead_hit_rate"])
+                   io_wait_ms=round(wait_ms, 1), lookahead_hit_rate=st["lookahead_hit_rate"],
+                   lookahead_recall=st["lookahead_recall"])
         if name.startswith("mmap"):  # copied out of the map; the disk read the page-cache misses
             row["copied_bytes_per_token"] = row.pop("flash_bytes_per_token")
             if read0 is not None:

@@ -53,6 +53,13 @@ ComputeOpt = Annotated[
                  "as they are read into a float cache: 4x its memory, fast on a CPU). Default: "
                  "by device."),
 ]
+LookaheadOpt = Annotated[
+    bool | None,
+    typer.Option("--lookahead/--no-lookahead", help="Read what the next layer is guessed to need "
+                 "while this one computes. Default: on for a mixture of experts, off for a dense "
+                 "FFN (on a 2-core machine the extra reads and predictor pass did not pay; see "
+                 "docs/BENCHMARKS.md)."),
+]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
 
 
@@ -64,7 +71,7 @@ def _positive(value: float | None) -> float | None:
 
 def load_options(model: ModelOpt = None, memory: MemoryOpt = None, mode: ModeOpt = "auto",
                  window: WindowOpt = None, max_context: MaxContextOpt = None,
-                 compute: ComputeOpt = None):
+                 compute: ComputeOpt = None, lookahead: LookaheadOpt = None):
     """The options that say which model to load and how (a group: see `options`)."""
 
 
@@ -149,14 +156,15 @@ def model_path(model: str | None, progress: bool = True) -> Path:
 
 
 def load_model(model: str | None = None, memory=None, mode: str = "auto", window=None,
-               max_context=None, progress: bool = True, compute: str | None = None):
+               max_context=None, progress: bool = True, compute: str | None = None,
+               lookahead: bool | None = None):
     """(model, tokenizer) for the load options, with a note when the budget changes the plan."""
     from ..api import load
     from ..memory import budget_note
     from ..state import state_of
 
     path = model_path(model, progress)
-    extra = {"compute": compute} if compute is not None else {}
+    extra = {k: v for k, v in (("compute", compute), ("lookahead", lookahead)) if v is not None}
     m, tok = load(path, memory=memory, mode=mode, window=window, max_context=max_context, **extra)
     loaded = state_of(m)
     if loaded.budget is not None and (note := budget_note(loaded.budget.total)):
