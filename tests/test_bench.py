@@ -103,6 +103,38 @@ def test_synthetic_flash_dir_matches_its_checkpoint(synthetic):
     assert not (flash.parent / "flash.partial").exists()
 
 
+def test_llama_shaped_synthetic_dir_is_a_llama(tmp_path):
+    """`--arch llama`: SwiGLU records, grouped-query attention; the flash dir equals its HF
+    checkpoint, which transformers reads as a Llama with the same logits; the planted sets
+    are a gated MLP's (87.5% predicted) and predicted-mode decode runs on them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    flash = write_synthetic_flash(tmp_path / "flash", d_model=256, ffn_dim=1024, layers=2,
+                                  vocab=8192, max_pos=64, checkpoint=tmp_path / "hf",
+                                  arch="llama", kv_heads=1)
+    m = fmt.read_manifest(flash)
+    assert m.architecture == "llama" and [p.name for p in m.parts] == [
+        "gate_proj", "up_proj", "down_proj"]
+    a, tok = load_dense(flash)
+    b, _ = load_dense(tmp_path / "hf")
+    ids = [tok.encode(PROMPT)]
+    got = np.array(a(mx.array(ids)).astype(mx.float32))
+    assert np.array_equal(got, np.array(b(mx.array(ids)).astype(mx.float32)))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    assert ref.config.num_key_value_heads == 1
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # bfloat16 against float32
+    spec = json.loads((flash / bench.SYNTHETIC_FILE).read_text())
+    assert spec["predicted_fraction"] == pytest.approx(0.875)
+    model, tok = runtime.load(flash, memory="1GB", mode="predicted", predictors=bench.load_synthetic(
+        flash, m.ffn_dim, m.num_layers), lookahead=True)
+    _greedy(model, tok, n=4)
+    s = model.flash.stats()
+    assert s["decode_tokens"] == 4 and s["lookahead_recall"] > 0.5
+
+
 def test_quantized_synthetic_dir_is_a_quantized_flash_dir(tmp_path):
     """`--quantize 4`: packed records of MLX affine parts whose values stay small, quantized
     attention and embedding; flash decode (both compute paths) gives the dense model's tokens."""

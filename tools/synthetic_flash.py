@@ -43,13 +43,14 @@ import numpy as np
 
 from mlx_flash import format as fmt
 from mlx_flash import platform
-from mlx_flash.bench import SYNTHETIC_FILE, synthetic_spec
+from mlx_flash.bench import SYNTHETIC_FILE, gated_spec, synthetic_spec
 from mlx_flash.convert import choose_packed
 from mlx_flash.dtypes import FLOATS
 from mlx_flash.quant import Quantization
 from mlx_flash.safetensors import encode_header
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "opt-tiny"
+ARCHS = ("opt", "llama")
 FLUSH_BYTES = 256 << 20
 ONE = {"float16": 0x3C00, "bfloat16": 0x3F80}  # 1.0 as 16-bit patterns
 
@@ -167,10 +168,21 @@ def _safetensors_header(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
     return encode_header(specs, {"format": "pt", "synthetic": "true"})
 
 
-def _config(d_model, ffn_dim, layers, vocab, max_pos, dtype) -> dict:
+def _config(arch, d_model, ffn_dim, layers, vocab, max_pos, dtype, kv_heads) -> dict:
+    heads = max(1, d_model // 128)
+    if arch == "llama":  # Llama-3's: SwiGLU, grouped-query attention, untied head, no biases
+        return {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d_model,
+            "intermediate_size": ffn_dim, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads or heads,
+            "head_dim": d_model // heads, "vocab_size": vocab, "max_position_embeddings": max_pos,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "torch_dtype": dtype, "bos_token_id": 2, "eos_token_id": 2, "synthetic": True,
+        }
     return {
         "model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": d_model,
-        "ffn_dim": ffn_dim, "num_hidden_layers": layers, "num_attention_heads": max(1, d_model // 128),
+        "ffn_dim": ffn_dim, "num_hidden_layers": layers, "num_attention_heads": heads,
         "vocab_size": vocab, "max_position_embeddings": max_pos, "word_embed_proj_dim": d_model,
         "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
         "tie_word_embeddings": True, "torch_dtype": dtype, "bos_token_id": 2, "eos_token_id": 2,
@@ -178,17 +190,53 @@ def _config(d_model, ffn_dim, layers, vocab, max_pos, dtype) -> dict:
     }
 
 
+def _tensor_names(config: dict) -> tuple[list, list[list]]:
+    """(model-wide tensors, each layer's non-FFN tensors, plus FFN biases): (name, shape) lists
+    under the HF names of the config's model type."""
+    d, ffn, vocab = config["hidden_size"], config.get("ffn_dim") or config["intermediate_size"], \
+        config["vocab_size"]
+    per_layer = []
+    if config["model_type"] == "llama":
+        kv = config["num_key_value_heads"] * config["head_dim"]
+        names = [("model.embed_tokens.weight", (vocab, d)), ("model.norm.weight", (d,)),
+                 ("lm_head.weight", (vocab, d))]
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            per_layer.append(
+                [(p + f"self_attn.{proj}.weight", (rows, d)) for proj, rows in
+                 (("q_proj", d), ("k_proj", kv), ("v_proj", kv), ("o_proj", d))]
+                + [(p + f"{norm}.weight", (d,))
+                   for norm in ("input_layernorm", "post_attention_layernorm")])
+        return names, per_layer
+    names = [("model.decoder.embed_tokens.weight", (vocab, d)),
+             ("model.decoder.embed_positions.weight", (config["max_position_embeddings"] + 2, d)),
+             ("model.decoder.final_layer_norm.weight", (d,)),
+             ("model.decoder.final_layer_norm.bias", (d,))]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.decoder.layers.{i}."
+        block = []
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            block += [(p + f"self_attn.{proj}.weight", (d, d)), (p + f"self_attn.{proj}.bias", (d,))]
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            block += [(p + f"{norm}.weight", (d,)), (p + f"{norm}.bias", (d,))]
+        block += [(p + "fc1.bias", (ffn,)), (p + "fc2.bias", (d,))]
+        per_layer.append(block)
+    return names, per_layer
+
+
 def write_synthetic_flash(
     out: str | Path, d_model: int = 4096, ffn_dim: int = 16384, layers: int = 32,
     vocab: int = 50272, max_pos: int = 2048, dtype: str = "bfloat16", align: int = 4096,
     checkpoint: str | Path | None = None, seed: int = 0, force: bool = False,
     spec: dict | None = None, progress: bool = False, quantize: int | None = None,
-    group_size: int = 64, float_resident: bool = False,
+    group_size: int = 64, float_resident: bool = False, arch: str = "opt",
+    kv_heads: int | None = None,
 ) -> Path:
     """Write the flash dir `out` (atomically, via `out.partial`) and optionally an HF checkpoint
     with the same weights; returns `out`. `spec`: synthetic predictor parameters (default
     `synthetic_spec()`). `quantize`: bits of quantized records (and, unless `float_resident`,
-    of the attention projections and token embedding)."""
+    of the attention projections and token embedding). `arch`: "opt" (ReLU, biases) or
+    "llama" (SwiGLU, grouped-query attention with `kv_heads` key/value heads)."""
     out = Path(out)
     q = None if quantize is None else Quantization(quantize, group_size)
     if q is not None and checkpoint:
@@ -200,22 +248,10 @@ def write_synthetic_flash(
     for t in targets:
         if t.exists() and not force:
             raise SystemExit(f"{t} exists; pass --force to replace it")
-    config = _config(d_model, ffn_dim, layers, vocab, max_pos, dtype)
-    names = [("model.decoder.embed_tokens.weight", (vocab, d_model)),
-             ("model.decoder.embed_positions.weight", (max_pos + 2, d_model)),
-             ("model.decoder.final_layer_norm.weight", (d_model,)),
-             ("model.decoder.final_layer_norm.bias", (d_model,))]
-    per_layer = []
-    for i in range(layers):
-        p = f"model.decoder.layers.{i}."
-        block = []
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            block += [(p + f"self_attn.{proj}.weight", (d_model, d_model)),
-                      (p + f"self_attn.{proj}.bias", (d_model,))]
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            block += [(p + f"{norm}.weight", (d_model,)), (p + f"{norm}.bias", (d_model,))]
-        block += [(p + "fc1.bias", (ffn_dim,)), (p + "fc2.bias", (d_model,))]
-        per_layer.append(block)
+    if arch not in ARCHS:
+        raise SystemExit(f"--arch {arch}: choose one of {', '.join(ARCHS)}")
+    config = _config(arch, d_model, ffn_dim, layers, vocab, max_pos, dtype, kv_heads)
+    names, per_layer = _tensor_names(config)
     resident = {n: (dtype, s) for n, s in sorted(names + [x for b in per_layer for x in b])}
     quantized = set()  # the resident tensors of quantized layers, as mlx-lm names them
     if q is not None and not float_resident:
@@ -229,15 +265,16 @@ def write_synthetic_flash(
         resident = dict(sorted(resident.items()))
         config["quantization"] = config["quantization_config"] = q.kwargs
 
-    payload = sum(p.nbytes for p in fmt.make_parts("opt", d_model, dtype, q))
+    biases = {"fc1", "fc2"} if arch == "opt" else set()
+    payload = sum(p.nbytes for p in fmt.make_parts(arch, d_model, dtype, q))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     hf_partial = None
     try:
         m = fmt.new_manifest(
-            partial, "opt", dtype, d_model, ffn_dim, layers, alignment=align,
-            biases={"fc1", "fc2"}, resident_tensors=resident,
+            partial, arch, dtype, d_model, ffn_dim, layers, alignment=align,
+            biases=biases, resident_tensors=resident,
             source=str(Path(checkpoint).resolve()) if checkpoint else "synthetic",
             created_by="tools/synthetic_flash.py", quantization=q,
             packed=q is not None and choose_packed(payload, align),
@@ -249,10 +286,9 @@ def write_synthetic_flash(
             hf_partial.mkdir(parents=True)
             hf_specs = [(n, dtype, s) for n, s in names]
             for i, block in enumerate(per_layer):
-                p = f"model.decoder.layers.{i}."
                 hf_specs += [(n, dtype, s) for n, s in block]
-                hf_specs += [(p + "fc1.weight", dtype, (ffn_dim, d_model)),
-                             (p + "fc2.weight", dtype, (d_model, ffn_dim))]
+                hf_specs += [(p.tensor_name(i), dtype, (ffn_dim, d_model) if p.axis == "row"
+                              else (d_model, ffn_dim)) for p in m.parts]
             hf = _Sink(hf_partial / "model.safetensors")
             hf.write(_safetensors_header(hf_specs))
             for n, s in names:
@@ -269,8 +305,9 @@ def write_synthetic_flash(
             if hf is not None:
                 for n, s in per_layer[i]:
                     hf.write(_tensor(n, s, dtype, seed))
-                hf.write(records[:, :d_model])  # fc1 (ffn, d)
-                hf.write(records[:, d_model : 2 * d_model].T)  # fc2 (d, ffn)
+                for k, p in enumerate(m.parts):  # rows (ffn, d), the column part (d, ffn)
+                    values = records[:, k * d_model : (k + 1) * d_model]
+                    hf.write(values if p.axis == "row" else values.T)
             del records
             if progress:
                 print(f"\rlayer {i + 1}/{layers}  {time.time() - t0:.0f} s", end="", file=sys.stderr)
@@ -285,7 +322,8 @@ def write_synthetic_flash(
             (target / "config.json").write_text(json.dumps(config, indent=1))
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(EMBEDDED / name, target / name)
-        (partial / SYNTHETIC_FILE).write_text(json.dumps(spec or synthetic_spec(seed=seed), indent=1))
+        spec = spec or (gated_spec(seed=seed) if arch == "llama" else synthetic_spec(seed=seed))
+        (partial / SYNTHETIC_FILE).write_text(json.dumps(spec, indent=1))
         fmt.write_manifest(m)
         fmt.read_manifest(partial)  # the output must pass its own reader
         for target, final in ((partial, out), (hf_partial, checkpoint)):
@@ -325,13 +363,17 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     ap.add_argument("--float-resident", action="store_true",
                     help="with --quantize: keep attention and embeddings in --dtype")
+    ap.add_argument("--arch", default="opt", choices=ARCHS,
+                    help="opt (ReLU FFN, the paper's) or llama (SwiGLU, grouped-query attention)")
+    ap.add_argument("--kv-heads", type=int, help="llama: key/value heads (default: all heads)")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     t = time.time()
     out = write_synthetic_flash(a.out, a.d_model, a.ffn_dim, a.layers, a.vocab, a.max_pos, a.dtype,
                                 a.align, a.checkpoint, a.seed, a.force, progress=True,
                                 quantize=a.quantize, group_size=a.group_size,
-                                float_resident=a.float_resident)
+                                float_resident=a.float_resident, arch=a.arch,
+                                kv_heads=a.kv_heads)
     print(f"wrote {out} in {time.time() - t:.0f} s" + (f" (and {a.checkpoint})" if a.checkpoint else ""))
 
 

@@ -30,6 +30,7 @@ from .strategies import STRATEGIES, parse_strategies
 from .synthetic import (
     SYNTHETIC_FILE,
     SyntheticPredictor,
+    gated_spec,
     load_synthetic,
     planted_stats,
     synthetic_spec,
@@ -37,5 +38,5 @@ from .synthetic import (
 
 __all__ = [
     "DEFAULT_PROMPT", "STRATEGIES", "SYNTHETIC_FILE", "SyntheticPredictor", "bench", "format_table",
-    "load_synthetic", "parse_strategies", "planted_stats", "plot", "synthetic_spec",
+    "gated_spec", "load_synthetic", "parse_strategies", "planted_stats", "plot", "synthetic_spec",
 ]
