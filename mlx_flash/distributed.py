@@ -59,7 +59,8 @@ class Watchdog:
     seconds (the main thread saw it too and ends with its own line). Once a peer is gone, a
     receive of the ring backend may wait forever, or return garbage, instead of raising.
     Started in the main thread, it also takes SIGTERM (mlx.launch's end for the other ranks
-    when one fails), which a main thread waiting inside MLX would not see: one line, then end."""
+    when one fails), which a main thread waiting inside MLX would not see: one line, then end.
+    And it ends the rank when its parent, the launcher, is gone (killed, it leaves its ranks)."""
 
     def __init__(self, group, say: Callable[[str], None], period: float = 0.5,
                  grace: float = 1.0):
@@ -67,6 +68,7 @@ class Watchdog:
         self.say, self.period, self.grace = say, period, grace
         self.done = threading.Event()
         self.sockets = ring_sockets(self.rank, self.size)
+        self.parent = os.getppid()
         self._wake: int | None = None
 
     def start(self) -> Watchdog:
@@ -103,9 +105,17 @@ class Watchdog:
                 return
             peer = self.lost()
             if signalled or (peer is not None and not self.done.wait(self.grace)):
-                self.say(lost_line(peer) if peer is not None else
-                         "ended by SIGTERM (mlx.launch ends every rank once one fails)")
-                os._exit(1)
+                self._end(lost_line(peer) if peer is not None else
+                          "ended by SIGTERM (mlx.launch ends every rank once one fails)")
+            if self.parent != 1 and os.getppid() != self.parent:
+                self._end(f"the launcher (process {self.parent}) is gone; ending")
+
+    def _end(self, line: str) -> None:
+        try:
+            self.say(line)
+        except OSError:  # no terminal left to say it to
+            pass
+        os._exit(1)
 
 
 def ring_sockets(rank: int, size: int) -> list[tuple[int, int]]:
@@ -154,17 +164,14 @@ def _closed(fd: int) -> bool:
 
 
 def resident_bytes(m: Manifest) -> tuple[list[int], int]:
-    """Bytes of each decoder layer's resident weights, and of the rest (embeddings, final norm,
-    head: what rank 0 holds besides its layers)."""
-    per, rest = [0] * m.num_layers, 0
+    """Bytes of each decoder layer's resident weights, and of the rest of resident.safetensors
+    (embeddings, final norm, head, header: what rank 0 holds besides its layers)."""
+    per = [0] * m.num_layers
     for name, (dtype, shape) in m.resident_tensors.items():
-        n = BY_NAME[dtype].itemsize * math.prod(shape)
         hit = _LAYER.search(name)
         if hit and int(hit.group(1)) < m.num_layers:
-            per[int(hit.group(1))] += n
-        else:
-            rest += n
-    return per, rest
+            per[int(hit.group(1))] += BY_NAME[dtype].itemsize * math.prod(shape)
+    return per, m.resident_bytes - sum(per)
 
 
 def plan_layers(m: Manifest, world: int, split: str | None = None) -> list[range]:
