@@ -13,14 +13,11 @@ receive waiting.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import select
 import signal
-import socket
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +31,18 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .dtypes import BY_NAME
 from .errors import FlashError
 from .format import Manifest, is_flash_dir, read_manifest
-from .pipeline import READY, SETUP, STOP, Link, PeerLost, Pipeline, lost_line, serve_steps
+from .pipeline import (
+    READY,
+    SETUP,
+    STOP,
+    Link,
+    PeerLost,
+    Pipeline,
+    closed,
+    lost_line,
+    ring_sockets,
+    serve_steps,
+)
 from .state import state_of
 
 LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # set by mlx.launch / mpirun
@@ -67,7 +75,7 @@ class Watchdog:
         self.rank, self.size = group.rank(), group.size()
         self.say, self.period, self.grace = say, period, grace
         self.done = threading.Event()
-        self.sockets = ring_sockets(self.rank, self.size)
+        self.sockets = [(fd, peer) for fd, peer, _ in ring_sockets(self.rank, self.size)]
         self.parent = os.getppid()
         self._wake: int | None = None
 
@@ -92,7 +100,7 @@ class Watchdog:
 
     def lost(self) -> int | None:
         """The neighbour whose connection closed, or None."""
-        return next((peer for fd, peer in self.sockets if _closed(fd)), None)
+        return next((peer for fd, peer in self.sockets if closed(fd)), None)
 
     def _watch(self) -> None:
         while not self.done.is_set():
@@ -116,48 +124,6 @@ class Watchdog:
         except OSError:  # no terminal left to say it to
             pass
         os._exit(1)
-
-
-def ring_sockets(rank: int, size: int) -> list[tuple[int, int]]:
-    """(fd, neighbour) of each ring connection of this process: the ring backend connects to
-    the next rank's address in MLX_HOSTFILE and accepts the previous rank's on its own."""
-    try:
-        with open(os.environ["MLX_HOSTFILE"]) as f:
-            hosts = json.load(f)
-        listen = {_address(a): k for k, addrs in enumerate(hosts) for a in addrs}
-    except (KeyError, OSError, ValueError, TypeError, AttributeError):
-        return []  # another backend: it reports a lost peer itself, or not at all
-    out = []
-    for name in os.listdir("/dev/fd"):
-        try:
-            fd = int(name)
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            with socket.socket(fileno=os.dup(fd)) as s:
-                local, peer = s.getsockname()[:2], s.getpeername()[:2]
-        except (OSError, ValueError):
-            continue
-        if peer in listen:
-            out.append((fd, listen[peer]))
-        elif listen.get(local) == rank:
-            out.append((fd, (rank - 1) % size))
-    return out
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, port = text.rsplit(":", 1)
-    return host, int(port)
-
-
-def _closed(fd: int) -> bool:
-    """Whether the peer of socket `fd` closed it (a peek: nothing is read)."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as s:
-            return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 # -- which rank holds which layers ----------------------------------------------------------------

@@ -12,6 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import select
+import socket
+import stat
 import time
 from dataclasses import dataclass
 
@@ -37,11 +41,21 @@ def lost_line(peer: int) -> str:
 
 
 class Link:
-    """This rank's two neighbours on the ring: it receives from `prev` and sends to `next`."""
+    """This rank's two neighbours on the ring: it receives from `prev` and sends to `next`.
+
+    The ring backend waits for a message by polling its socket (a core at 100% for as long as
+    the other ranks compute, or rank 0 waits for a user); a receive here first waits in
+    `select` until the message begins to arrive (the backend reads no further than asked)."""
 
     def __init__(self, group):
         self.group, self.rank, self.size = group, group.rank(), group.size()
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        self.incoming = [fd for fd, _, incoming in ring_sockets(self.rank, self.size)
+                         if incoming]
+
+    def _wait(self) -> None:
+        if self.incoming:
+            select.select(self.incoming, [], [])
 
     def _guard(self, peer: int, fn):
         try:
@@ -61,11 +75,14 @@ class Link:
                 mx.distributed.send(x, self.next, group=self.group, stream=mx.cpu)))
 
     def recv_head(self) -> np.ndarray:
+        self._wait()
         return self._guard(self.prev, lambda: np.array(mx.distributed.recv(
             (HEADER,), mx.int64, self.prev, group=self.group, stream=mx.cpu)))
 
     def recv(self, n: int) -> mx.array:
         """`n` bytes of payload (uint8)."""
+        self._wait()
+
         def get():
             buf = mx.distributed.recv((n,), mx.uint8, self.prev, group=self.group, stream=mx.cpu)
             mx.eval(buf)
@@ -82,6 +99,50 @@ class Link:
             raise FlashError(f"rank {self.rank}: out of step with rank {self.prev} (message "
                              f"{int(head[0])}, expected {kind})")
         return json.loads(np.array(self.recv(int(head[1]))).tobytes())
+
+
+def ring_sockets(rank: int, size: int) -> list[tuple[int, int, bool]]:
+    """(fd, neighbour, incoming) of each ring connection of this process: the ring backend
+    connects to the next rank's address in MLX_HOSTFILE (it sends to the next rank there) and
+    accepts the previous rank's on its own (`incoming`: it receives from the previous rank
+    there). Empty for other backends."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            hosts = json.load(f)
+        listen = {_address(a): k for k, addrs in enumerate(hosts) for a in addrs}
+    except (KeyError, OSError, ValueError, TypeError, AttributeError):
+        return []  # another backend: it reports a lost peer itself, or not at all
+    out = []
+    for name in os.listdir("/dev/fd"):
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as s:
+                local, peer = s.getsockname()[:2], s.getpeername()[:2]
+        except (OSError, ValueError):
+            continue
+        if peer in listen:
+            out.append((fd, listen[peer], False))
+        elif listen.get(local) == rank:
+            out.append((fd, (rank - 1) % size, True))
+    return out
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, port = text.rsplit(":", 1)
+    return host, int(port)
+
+
+def closed(fd: int) -> bool:
+    """Whether the peer of socket `fd` closed it (a peek: nothing is read)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _pad8(n: int) -> int:
