@@ -104,8 +104,9 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self.done.is_set():
+            signalled = False
             if self._wake is None:
-                signalled = self.done.wait(self.period) and False
+                self.done.wait(self.period)
             else:
                 ready = select.select([self._wake], [], [], self.period)[0]
                 signalled = bool(ready) and signal.SIGTERM in os.read(self._wake, 64)
@@ -202,7 +203,6 @@ class Stage:
         from .checkpoint import load_config
         from .format import load_dense_weights
         from .loader import build_model, load_tokenizer, quantize_modules
-        from .state import FlashState
 
         config = load_config(path)
         model = build_model(config)
@@ -211,7 +211,6 @@ class Stage:
         model.load_weights(list(weights.items()), strict=True)
         mx.eval(model.parameters())
         model.eval()
-        model.flash = FlashState()
         return model, load_tokenizer(path)
 
 

@@ -96,8 +96,8 @@ class Link:
     def recv_json(self, kind: int, head: np.ndarray | None = None):
         head = self.recv_head() if head is None else head
         if head[0] != kind:
-            raise FlashError(f"rank {self.rank}: out of step with rank {self.prev} (message "
-                             f"{int(head[0])}, expected {kind})")
+            raise FlashError(f"out of step with rank {self.prev} (message {int(head[0])}, "
+                             f"expected {kind})")
         return json.loads(np.array(self.recv(int(head[1]))).tobytes())
 
 
@@ -329,9 +329,10 @@ class Pipeline:
                 entry.update(s.per_token(), flash_bytes=s.io.bytes)
             ranks.append(entry)
         tokens = max((e.get("decode_tokens") or 0) for e in ranks)
-        total = sum(e.get("flash_bytes", 0) for e in ranks)
+        streamed = [e["flash_bytes"] for e in ranks if "flash_bytes" in e]
         return {"distributed_world_size": len(ranks),
-                "distributed_flash_bytes_per_token": round(total / max(tokens, 1)),
+                "distributed_flash_bytes_per_token":
+                    round(sum(streamed) / max(tokens, 1)) if streamed else None,
                 "distributed_ranks": ranks}
 
 

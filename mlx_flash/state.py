@@ -145,6 +145,10 @@ def stats_line(s: dict, detail: bool = False) -> str:
         parts.append(f"{tps:.1f} tok/s")
     if "prefilled_tokens" in s:
         parts.append(f"prefill {s['prefilled_tokens']}")
+    if s.get("distributed_world_size"):  # the figures after it are rank 0's own
+        total = s.get("distributed_flash_bytes_per_token")
+        flash = f"flash {mib(total)}/token in all; " if total is not None else ""
+        parts.append(f"{s['distributed_world_size']} ranks ({flash}the rest is rank 0's)")
     if detail:
         parts.append(f"mode {s.get('mode', 'dense')}")
     hit = s.get("cache_hit_rate")

@@ -35,12 +35,14 @@ def pipelined(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # after a lost rank, whatever broke: say that it was lost
-            if not isinstance(e, distributed.PeerLost) and (peer := watch.lost()) is not None:
+            known = (distributed.PeerLost, typer.Exit)
+            if not isinstance(e, known) and (peer := watch.lost()) is not None:
                 raise distributed.PeerLost(distributed.lost_line(peer)) from None
             raise
         finally:
+            if watch.lost() is None:  # (the watchdog still ends a stop that cannot be sent)
+                distributed.stop(group)
             watch.stop()
-            distributed.stop(group)
             restore()
 
     return wrapper
