@@ -182,9 +182,10 @@ class Stage:
         """Put `Elsewhere` in place of the other ranks' layers and return the weights this rank
         keeps; ranks > 0 keep no embeddings, final norm or head (empty arrays stand in)."""
         prefix = _layers_prefix(model)
-        for i, layer in enumerate(model.layers):
+        layers = _layer_list(model)
+        for i, layer in enumerate(layers):
             if i not in self.layers:
-                model.layers[i] = Elsewhere(i, layer)
+                layers[i] = Elsewhere(i, layer)
 
         def ours(key: str) -> bool:
             return (self.rank == 0) if not key.startswith(prefix) else (
@@ -212,6 +213,17 @@ class Stage:
         mx.eval(model.parameters())
         model.eval()
         return model, load_tokenizer(path)
+
+
+def _layer_list(model: nn.Module) -> list:
+    """The list in the model's tree that holds its decoder layers (`model.layers` may be a
+    copy: mlx-lm's pipelined models return a slice of it)."""
+    first = model.layers[0]
+    for _, module in model.named_modules():
+        for value in module.values():
+            if isinstance(value, list) and value and value[0] is first:
+                return value
+    raise FlashError(f"{type(model).__name__}: its decoder layers are not a list in its tree")
 
 
 def _layers_prefix(model: nn.Module) -> str:

@@ -190,7 +190,7 @@ def load(
             flash[i] = ffn
             if mode == "hybrid":  # the budget's share stays resident: the first neurons
                 ffn.cache.ensure(np.arange(capacity), 0, rt.reader, ffn.offset)
-    model.load_weights(list(weights.items()), strict=stage is None)
+    model.load_weights(list(weights.items()), strict=True)
     if manifest.experts:
         for i in flash:
             layer = model.layers[i]
