@@ -67,7 +67,8 @@ class Watchdog:
     seconds (the main thread saw it too and ends with its own line). Once a peer is gone, a
     receive of the ring backend may wait forever, or return garbage, instead of raising.
     Started in the main thread, it also takes SIGTERM (mlx.launch's end for the other ranks
-    when one fails), which a main thread waiting inside MLX would not see: one line, then end.
+    when one fails), which a main thread waiting inside MLX would not see: unless the main
+    thread ends (or `serve`'s own handler stops the server) within `grace`, one line, then end.
     And it ends the rank when its parent, the launcher, is gone (killed, it leaves its ranks)."""
 
     def __init__(self, group, say: Callable[[str], None], period: float = 0.5,
@@ -113,7 +114,7 @@ class Watchdog:
             if self.done.is_set():
                 return
             peer = self.lost()
-            if signalled or (peer is not None and not self.done.wait(self.grace)):
+            if (signalled or peer is not None) and not self.done.wait(self.grace):
                 self._end(lost_line(peer) if peer is not None else
                           "ended by SIGTERM (mlx.launch ends every rank once one fails)")
             if self.parent != 1 and os.getppid() != self.parent:
