@@ -254,6 +254,11 @@ def format_stats(s: dict) -> str:
     lines.append(f"process   RSS {mib(s['rss_bytes'])}, peak {mib(s['peak_rss_bytes'])} "
                  "(with the Python and MLX runtime)")
     lines.append(f"context   {s['context_tokens']} of {s['max_context']} tokens")
+    for r in s.get("distributed_ranks", []):  # under mlx.launch; the lines above are rank 0's
+        flash = r.get("flash_bytes_per_token")
+        lines.append(f"rank {r['rank']:<4} layers {r['layers'][0]}-{r['layers'][1] - 1}, mode "
+                     f"{r['mode']}, resident {mib(r['resident_bytes'])}, "
+                     + ("no flash" if flash is None else f"flash {mib(flash)}/token"))
     return "\n".join(lines)
 
 

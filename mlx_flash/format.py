@@ -400,8 +400,9 @@ def read_layer_records(m: Manifest, layer: int, start: int = 0, count: int | Non
     return out
 
 
-def load_dense_weights(path: str | Path) -> dict[str, mx.array]:
-    """All weights of a flash directory under HF names, FFN matrices rebuilt from the bundles.
+def load_dense_weights(path: str | Path, layers: range | None = None) -> dict[str, mx.array]:
+    """All weights of a flash directory under HF names, FFN matrices rebuilt from the bundles
+    (`layers`: only those layers' FFN matrices; the resident weights stay lazy until used).
 
     Quantized records give quantized row matrices (`.weight`, `.scales`, `.biases`, as mlx-lm's
     QuantizedLinear holds them) and a dequantized column matrix: the records quantize the down
@@ -410,7 +411,7 @@ def load_dense_weights(path: str | Path) -> dict[str, mx.array]:
     m = read_manifest(path)
     weights = dict(mx.load(str(m.resident_path)))
     with open(m.ffn_path, "rb") as f:
-        for layer in range(m.num_layers):
+        for layer in range(m.num_layers) if layers is None else layers:
             records = read_layer_records(m, layer, file=f)  # (ffn, record_bytes)
             for p in m.parts:
                 name = p.tensor_name(layer)

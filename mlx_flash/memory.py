@@ -83,11 +83,11 @@ def lookahead_row_bytes(record_bytes: int, packed: bool) -> int:
     return record_bytes * (3 if packed else 2)
 
 
-def _kv_bytes(config: dict, manifest: Manifest, max_context: int) -> int:
+def _kv_bytes(config: dict, manifest: Manifest, max_context: int, layers: int) -> int:
     heads = config.get("num_attention_heads", 1)
     head_dim = config.get("head_dim") or manifest.d_model // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * manifest.num_layers * max_context * kv_heads * head_dim * manifest.itemsize
+    return 2 * layers * max_context * kv_heads * head_dim * manifest.itemsize
 
 
 @dataclass
@@ -167,10 +167,15 @@ class Budget:
 
 
 def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
-                compute: str | None = None) -> Budget:
+                compute: str | None = None, layers: int | None = None,
+                resident: int | None = None) -> Budget:
     """The budget of a flash dir; `compute` = "dequantized" (quantized records held as float
-    values in the cache) makes a cached neuron cost its float size instead of its record's."""
+    values in the cache) makes a cached neuron cost its float size instead of its record's.
+    `layers` and `resident`: a pipeline stage's count of layers and its share of the resident
+    weights (distributed.py), whose budget covers only them (`50%model`: of its share)."""
     m = manifest
+    n = m.num_layers if layers is None else layers
+    resident = m.resident_bytes if resident is None else resident
     d_float = m.d_model * m.itemsize
     neuron = len(m.parts) * d_float if compute == "dequantized" else m.payload_bytes
     if m.experts and m.quantization is not None:  # cached scales and biases held as float32
@@ -179,8 +184,8 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
         dense_neuron = m.payload_bytes
     else:  # dense: gate/up stay quantized, the down column is held dequantized (format.py)
         dense_neuron = sum(p.nbytes for p in m.parts if p.axis == "row") + d_float
-    dense_ffn = m.num_layers * m.ffn_dim * dense_neuron
-    model = m.resident_bytes + m.num_layers * m.ffn_dim * m.payload_bytes  # its bytes on disk
+    dense_ffn = n * m.ffn_dim * dense_neuron
+    model = resident + n * m.ffn_dim * m.payload_bytes  # its bytes on disk
     # the stream buffer, and for packed records the reader's scratch blocks as large again
     buffers = stream_rows(m) * m.record_bytes * (2 if m.packed else 1)
     # a chunk's parts made contiguous (ffn.py: float records copied out, quantized ones by MLX)
@@ -188,14 +193,14 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
     if compute == "dequantized":  # one piece being dequantized: MLX's transient + its values
         buffers += DEQUANT_ROWS * (DEQUANT_PEAK + 1) * d_float * len(m.parts)
     # the caches' bookkeeping: each layer's row of every neuron, each cached neuron's id and age
-    buffers += m.num_layers * m.ffn_dim * 8
+    buffers += n * m.ffn_dim * 8
     neuron += NEURON_BOOKKEEPING
     if m.experts:  # the lookahead's buffer: one token's experts
         top_k = config.get(models.flash_spec(m.architecture).top_k or "", 1)
         buffers += top_k * m.expert_ffn * m.record_bytes
     return Budget(
-        total=parse_memory(memory, model), model=model, resident=m.resident_bytes,
-        kv_cache=_kv_bytes(config, m, max_context), buffers=buffers,
+        total=parse_memory(memory, model), model=model, resident=resident,
+        kv_cache=_kv_bytes(config, m, max_context, n), buffers=buffers,
         dense_ffn=dense_ffn, neuron_bytes=neuron,
-        num_layers=m.num_layers, ffn_dim=m.ffn_dim, max_context=max_context,
+        num_layers=n, ffn_dim=m.ffn_dim, max_context=max_context,
     )

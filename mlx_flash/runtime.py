@@ -57,6 +57,7 @@ def load(
     routers: list | None = None,
     mapped: bool = False,
     per_layer: bool = False,
+    stage=None,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -87,6 +88,8 @@ def load(
     experiment): the neuron caches' rows shared out by each layer's predicted-active fraction
     from calibration (`layer_capacities`) instead of the same rows for every layer; on opt-fixture it read
     between 0.6% more and 2.6% fewer bytes (docs/BENCHMARKS.md), so it is off by default.
+    `stage` (a `distributed.Stage`): load only its layers (and, on rank 0, the embeddings and
+    head); the budget covers only them; the other layers become placeholders.
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -110,9 +113,10 @@ def load(
     text = spec.text(config)  # a multimodal model's text model
     if max_context is None:
         max_context = min(2048, text.get("max_position_embeddings") or 2048)
-    budget = plan_budget(manifest, text, memory, max_context, compute)
+    budget = plan_budget(manifest, text, memory, max_context, compute,
+                         *((len(stage.layers), stage.resident_bytes) if stage else ()))
     if mode == "dense" or (mode == "auto" and budget.fits_dense):
-        model, tokenizer = load_dense(path)
+        model, tokenizer = stage.load_dense(path) if stage else load_dense(path)
         model.flash = FlashState("dense", budget, max_context=max_context)
         return model, tokenizer
     if manifest.experts:  # MoE: the router picks the experts exactly; nothing to calibrate
@@ -162,6 +166,8 @@ def load(
     resident = dict(mx.load(str(manifest.resident_path)))
     biases = _pop_biases(manifest, resident)
     weights = model.sanitize(resident)
+    if stage is not None:  # the other ranks' layers become placeholders; their weights go
+        weights = stage.cut(model, weights)
     quantize_modules(model, config, weights)
     profile = profile_used(manifest.ffn_path) if threads is None else None
     if threads is None or max_request_bytes is None:
@@ -179,8 +185,11 @@ def load(
         ahead = rt.lookahead = Lookahead(rt, top_k)
     elif ahead_rows:
         rt.lookahead = Prefetch(rt, ahead_rows)
+    flash = {}
     with open(manifest.ffn_path, "rb") as f:
         for i, layer in enumerate(model.layers):
+            if stage is not None and i not in stage.layers:
+                continue
             if manifest.experts:
                 from .moe import FlashExperts
 
@@ -191,6 +200,7 @@ def load(
                                predictors[i] if predictors else None)
             _set_module(layer, rt.spec.module, ffn)
             rt.layers.append(ffn)
+            flash[i] = ffn
             if mode == "hybrid":  # the budget's share stays resident: the first neurons
                 ffn.cache.ensure(np.arange(capacity), 0, rt.reader, ffn.offset)
     model.load_weights(list(weights.items()), strict=True)
@@ -198,12 +208,13 @@ def load(
         for before, after in zip(rt.layers, rt.layers[1:]):
             before.follow_with(after)
     if manifest.experts:
-        for i, layer in enumerate(model.layers):
+        for i in flash:
+            layer = model.layers[i]
             if routers is not None:
                 _set_module(layer, rt.spec.router, routers[i])
-            if i:  # layer i-1 guesses this layer's experts with this router
+            if i - 1 in flash:  # layer i-1 guesses this layer's experts with this router
                 router = _module(layer, rt.spec.router)
-                rt.layers[i - 1].link(rt.layers[i], getattr(router, "guess", router))
+                flash[i - 1].link(flash[i], getattr(router, "guess", router))
     mx.eval(model.parameters())
     # The resident weights now live in MLX memory; their page-cache copy would only press on a
     # memory limit (Linux charges page cache to it).

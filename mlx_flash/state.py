@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import platform
 from .storage import ReadStats
@@ -41,13 +41,15 @@ class FlashStats:
     prefill_tokens: int = 0
     prefill_io: ReadStats = field(default_factory=ReadStats)
     last_token_start: float | None = None
+    ranks: tuple = ()  # rank 0 of a pipeline: the counters of ranks 1.. (distributed.py)
 
     def since(self, before: FlashStats) -> FlashStats:
         """The counts accumulated after the snapshot `before`."""
         delta = {f.name: None if f.name == "last_token_start"
                  else getattr(self, f.name) - getattr(before, f.name)
-                 for f in dataclasses.fields(self)}
-        return FlashStats(**delta)
+                 for f in dataclasses.fields(self) if f.name != "ranks"}
+        ranks = tuple(a.since(b) for a, b in zip(self.ranks, before.ranks, strict=False))
+        return FlashStats(**delta, ranks=ranks)
 
     def per_token(self) -> dict:
         """Figures per decode token (what `--json` and `bench` print)."""
@@ -94,6 +96,7 @@ class FlashState:
     capacity: int | None = None
     max_context: int | None = None  # tokens the KV cache may hold (None: the model's limit)
     base_rss_bytes: int | None = None  # the process's RSS before the model loaded
+    pipeline: Any = None  # rank 0 under `mlx.launch`: distributed.Pipeline (the other ranks)
 
     @property
     def streaming(self) -> bool:
@@ -101,6 +104,8 @@ class FlashState:
 
     def counters(self) -> FlashStats | None:
         """A snapshot of the counters (None when nothing streams), for `stats(since=...)`."""
+        if self.pipeline is not None:  # with the other ranks' counters
+            return self.pipeline.counters(self.runtime)
         return None if self.runtime is None else dataclasses.replace(self.runtime.stats)
 
     def stats(self, since: FlashStats | None = None) -> dict:
@@ -123,6 +128,8 @@ class FlashState:
         if self.runtime is not None:
             out["reader_threads"] = self.runtime.reader.threads
             out["reader_profile"] = self.runtime.reader_profile
+        if self.pipeline is not None:  # distributed_world_size, each rank's layers and figures
+            out.update(self.pipeline.stats(self, since))
         return out
 
 
@@ -141,6 +148,10 @@ def stats_line(s: dict, detail: bool = False) -> str:
         parts.append(f"{tps:.1f} tok/s")
     if "prefilled_tokens" in s:
         parts.append(f"prefill {s['prefilled_tokens']}")
+    if s.get("distributed_world_size"):  # the figures after it are rank 0's own
+        total = s.get("distributed_flash_bytes_per_token")
+        flash = f"flash {mib(total)}/token in all; " if total is not None else ""
+        parts.append(f"{s['distributed_world_size']} ranks ({flash}the rest is rank 0's)")
     if detail:
         parts.append(f"mode {s.get('mode', 'dense')}")
     hit = s.get("cache_hit_rate")

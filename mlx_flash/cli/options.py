@@ -60,6 +60,11 @@ LookaheadOpt = Annotated[
                  "FFN (on a 2-core machine the extra reads and predictor pass did not pay; see "
                  "docs/BENCHMARKS.md)."),
 ]
+LayersSplitOpt = Annotated[
+    str | None,
+    typer.Option("--layers-split", help="Under `mlx.launch -n N`: layers per rank, a comma "
+                 "list (14,18) in order from rank 0. Default: split by bytes (docs/DISTRIBUTED.md)."),
+]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
 
 
@@ -71,7 +76,8 @@ def _positive(value: float | None) -> float | None:
 
 def load_options(model: ModelOpt = None, memory: MemoryOpt = None, mode: ModeOpt = "auto",
                  window: WindowOpt = None, max_context: MaxContextOpt = None,
-                 compute: ComputeOpt = None, lookahead: LookaheadOpt = None):
+                 compute: ComputeOpt = None, lookahead: LookaheadOpt = None,
+                 layers_split: LayersSplitOpt = None):
     """The options that say which model to load and how (a group: see `options`)."""
 
 
@@ -157,15 +163,26 @@ def model_path(model: str | None, progress: bool = True) -> Path:
 
 def load_model(model: str | None = None, memory=None, mode: str = "auto", window=None,
                max_context=None, progress: bool = True, compute: str | None = None,
-               lookahead: bool | None = None):
-    """(model, tokenizer) for the load options, with a note when the budget changes the plan."""
+               lookahead: bool | None = None, layers_split: str | None = None):
+    """(model, tokenizer) for the load options, with a note when the budget changes the plan.
+    Under `mlx.launch -n N` (rank 0: see ranks.py), this rank's layers of a pipeline."""
+    from .. import distributed
     from ..api import load
     from ..memory import budget_note
     from ..state import state_of
 
+    group = distributed.launched()
+    if group is None and layers_split is not None:
+        raise FlashError("--layers-split splits the layers between the processes of "
+                         "`mlx.launch -n N`; this is a single process")
     path = model_path(model, progress)
     extra = {k: v for k, v in (("compute", compute), ("lookahead", lookahead)) if v is not None}
-    m, tok = load(path, memory=memory, mode=mode, window=window, max_context=max_context, **extra)
+    if group is not None:
+        m, tok = distributed.load(path, group, layers_split, memory=memory, mode=mode,
+                                  window=window, max_context=max_context, **extra)
+    else:
+        m, tok = load(path, memory=memory, mode=mode, window=window, max_context=max_context,
+                      **extra)
     loaded = state_of(m)
     if loaded.budget is not None and (note := budget_note(loaded.budget.total)):
         say(note)

@@ -22,12 +22,14 @@ from .options import (
     sampling_options,
     say,
 )
+from .ranks import pipelined
 
 RawOpt = Annotated[bool, typer.Option("--raw", help="Use the prompt as it is, without the tokenizer's chat template.")]
 
 
 @app.command()
 @friendly
+@pipelined
 @options(sampling_options, load_options)
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text; - reads it from stdin.")],
@@ -56,6 +58,7 @@ def generate(
 
 @app.command()
 @friendly
+@pipelined
 @options(load_options, sampling_options, drop=("stop",), max_tokens=256)
 def chat(
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
@@ -76,6 +79,7 @@ def chat(
 
 @app.command()
 @friendly
+@pipelined
 @options(sampling_options, load_options)
 def batch(
     input: Annotated[Path, typer.Argument(help="JSONL file: one {\"id\", \"prompt\", options...} per line.")],
@@ -109,6 +113,7 @@ def batch(
 
 @app.command()
 @friendly
+@pipelined
 @options(load_options, drop=("max_context",))
 def perplexity(
     data: Annotated[Path, typer.Option("--data", help="Text file to score.")],

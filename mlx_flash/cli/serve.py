@@ -8,10 +8,12 @@ import typer
 
 from . import app
 from . import options as opt
+from .ranks import pipelined
 
 
 @app.command()
 @opt.friendly
+@pipelined
 @opt.options(opt.load_options, opt.sampling_options, drop=("stop", "seed"), max_tokens=256)
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (no authentication: keep it on loopback).")] = "127.0.0.1",
