@@ -9,6 +9,7 @@ and the FFN runs as one dense matmul over the cache's contiguous rows. See DESIG
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,27 +53,38 @@ class FlashRuntime:
         # records) each record part of it copied out contiguous: the products multiply the payload
         rows = stream_rows(manifest)
         self.chunk, self.chunk_np = aligned_empty(rows, manifest.record_bytes)
+        # a dense FFN streams through two such buffers: the next chunk is read while this one
+        # computes (FlashMLP._stream), by a thread of its own
+        self.chunks = [(self.chunk, self.chunk_np)]
+        if not manifest.experts:
+            self.chunks.append(aligned_empty(rows, manifest.record_bytes))
+        self._stream_pool = ThreadPoolExecutor(1, thread_name_prefix="flash-stream")
         self._stage = ([aligned_empty(rows, p.nbytes) for p in manifest.parts]
                        if manifest.quantization is None else [])
         self.layers: list[FlashMLP] = []
         # the reads started a layer early: moe.Lookahead (MoE) or lookahead.Prefetch (dense)
         self.lookahead = None
 
-    def staged_parts(self, n: int) -> list[mx.array]:
-        """The first n records of the stream buffer, each part as a contiguous (n, part bytes)
+    def read_in_background(self, read, *args) -> Future:
+        """`read(*args)` on the stream thread (one read at a time, in order)."""
+        return self._stream_pool.submit(read, *args)
+
+    def staged_parts(self, n: int, buffer: int = 0) -> list[mx.array]:
+        """The first n records of stream buffer `buffer`, each part as a contiguous (n, part bytes)
         uint8 array (a numpy copy: MLX's CPU matmul over a strided column slice of the records
         costs 2-3x the contiguous one at OPT-6.7B shapes, and padding x to the record width
         multiplies every part's zeros). Valid until the next call."""
         out = []
         for p, (array, view) in zip(self.manifest.parts, self._stage, strict=True):
             lo, hi = p.span
-            view[:n] = self.chunk_np[:n, lo:hi]
+            view[:n] = self.chunks[buffer][1][:n, lo:hi]
             out.append(array[:n])
         return out
 
     def close(self) -> None:
         if self.lookahead is not None:
             self.lookahead.close()
+        self._stream_pool.shutdown(wait=True)
         self.reader.close()
 
 
@@ -128,8 +140,8 @@ class FlashMLP(nn.Module):
 
     # -- the FFN over a block of records -------------------------------------------------------
 
-    def _ffn(self, x: mx.array, n: int, ids: mx.array | None) -> mx.array:
-        """FFN of x (n_tok, d) over the first `n` records of the stream buffer, which hold
+    def _ffn(self, x: mx.array, n: int, ids: mx.array | None, buffer: int = 0) -> mx.array:
+        """FFN of x (n_tok, d) over the first `n` records of stream buffer `buffer`, which hold
         neurons `ids` (prefill, naive, overflow)."""
         rt = self._rt
         m = rt.manifest
@@ -138,14 +150,14 @@ class FlashMLP(nn.Module):
             # CPU backend (the fast path on GPUs), without dequantize's ~5x transient there. In
             # float32: MLX's CPU kernel in float16 is ~10x less exact than a float16 matmul.
             def times(a: mx.array, p, transpose: bool) -> mx.array:
-                w, s, b = m.part_arrays(rt.chunk[:n], p)
+                w, s, b = m.part_arrays(rt.chunks[buffer][0][:n], p)
                 return mx.quantized_matmul(a.astype(mx.float32), w, s.astype(mx.float32),
                                            b.astype(mx.float32), transpose=transpose,
                                            **self._qkw[p.name])
 
             rows = {p.name: times(x, p, True) for p in self._row_parts}
             return self._combine(rows, lambda h: times(h, self._column_part, False), ids)
-        mats = {p.name: raw for p, raw in zip(m.parts, rt.staged_parts(n), strict=True)}
+        mats = {p.name: raw for p, raw in zip(m.parts, rt.staged_parts(n, buffer), strict=True)}
         rows = {p.name: x @ mats[p.name].view(m.mx_dtype).T for p in self._row_parts}
         column = mats[self._column_part.name].view(m.mx_dtype)
         return self._combine(rows, lambda h: _times(h, column), ids)
@@ -207,18 +219,19 @@ class FlashMLP(nn.Module):
         rows = rt.chunk.shape[0]
         before = rt.reader.snapshot()
         first = self.cache.num_used if rt.mode == "hybrid" else 0
-        y = self._ffn_cached(x) if first else None
-        for start in range(first, m.ffn_dim, rows):
-            n = min(rows, m.ffn_dim - start)
+
+        def read(ids: np.ndarray, out: np.ndarray) -> None:
             if m.packed:  # records inside blocks: the reader widens and copies
-                rt.reader.read(self.offset, np.arange(start, start + n), rt.chunk_np[:n])
+                rt.reader.read(self.offset, ids, out)
             else:
-                rt.reader.read_range(m.neuron_offset(self.layer, start), n * m.record_bytes,
-                                     rt.chunk_np[:n])
-            part = self._ffn(x, n, mx.arange(start, start + n))
-            part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
-            y = part if y is None else y + part
-            mx.eval(y)  # the chunk buffer is overwritten next
+                rt.reader.read_range(m.neuron_offset(self.layer, int(ids[0])),
+                                     len(ids) * m.record_bytes, out)
+
+        pieces = [np.arange(a, min(a + rows, m.ffn_dim)) for a in range(first, m.ffn_dim, rows)]
+        y, waited = self._stream(x, pieces, read) if pieces else (None, 0.0)
+        if first:  # hybrid: the resident share
+            cached = self._ffn_cached(x).astype(mx.float32)
+            y = cached if y is None else y + cached
         y = y.astype(x.dtype)
         io = rt.reader.delta(before)
         if count_as_prefill:
@@ -227,8 +240,35 @@ class FlashMLP(nn.Module):
                 rt.stats.prefill_tokens += x.shape[0]
                 rt.stats.last_token_start = None  # a new prompt: the gap is not a token
         else:
-            self._count_decode(io, 0.0, 0.0, 0, 0, 0)
+            self._count_decode(io, 0.0, 0.0, 0, 0, 0, wait_s=waited)
         return y
+
+    def _stream(self, x: mx.array, pieces: list[np.ndarray], read) -> tuple[mx.array, float]:
+        """The FFN of x over the neurons of `pieces` (sorted ids, a stream buffer's worth each),
+        summed in float32; `read(ids, out)` fills a buffer. While one piece computes, the next is
+        read on the stream thread into the other buffer. Returns (y, seconds waited for reads)."""
+        rt = self._rt
+        two = len(rt.chunks) == 2
+        y, waited = None, 0.0
+
+        def start(k: int):
+            out = rt.chunks[k % 2 if two else 0][1][: len(pieces[k])]
+            return rt.read_in_background(read, pieces[k], out)
+
+        pending = start(0)
+        for k, ids in enumerate(pieces):
+            t = time.perf_counter()
+            pending.result()
+            waited += time.perf_counter() - t
+            if two and k + 1 < len(pieces):
+                pending = start(k + 1)
+            part = self._ffn(x, len(ids), mx.array(ids), k % 2 if two else 0)
+            part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
+            y = part if y is None else y + part
+            mx.eval(y)  # this buffer is read into again two pieces on
+            if not two and k + 1 < len(pieces):
+                pending = start(k + 1)
+        return y, waited
 
     def _active(self, x: mx.array) -> np.ndarray:
         """Sorted ids of the neurons to hold for the rows of x: predicted, or the exact set."""
@@ -292,12 +332,17 @@ class FlashMLP(nn.Module):
         stats = self.cache.ensure(ids, self._step, reader, self.offset)
         self.cache.slide(self._step, rt.window)
         self._step += 1
+        cache_io_s = rt.reader.delta(before).seconds  # the cache's reads (synchronous)
         y = self._ffn_cached(x)
-        streamed_s = 0.0  # the overflow's FFN, evaluated chunk by chunk: compute, not cache work
+        streamed_s = overflow_wait = 0.0  # the overflow: its reads, overlapping its compute
         if len(overflow):
-            t2, io_before = time.perf_counter(), rt.reader.snapshot()
-            y = (y.astype(mx.float32) + self._uncached(x, overflow, reader)).astype(x.dtype)
-            streamed_s = time.perf_counter() - t2 - rt.reader.delta(io_before).seconds
+            t2 = time.perf_counter()
+            rows = rt.chunk.shape[0]
+            pieces = [overflow[a : a + rows] for a in range(0, len(overflow), rows)]
+            extra, overflow_wait = self._stream(
+                x, pieces, lambda i, out: reader.read(self.offset, i, out))
+            y = (y.astype(mx.float32) + extra).astype(x.dtype)
+            streamed_s = time.perf_counter() - t2
         io = rt.reader.delta(before)
         if self.pending is not None:
             s = rt.stats
@@ -305,25 +350,11 @@ class FlashMLP(nn.Module):
             s.guessed_right += reader.used
             s.needed += reader.needed
             self.pending = None
-        cache_s = time.perf_counter() - t1 - wait_s - io.seconds - streamed_s
+        # the overflow's time (its reads waited for, and its compute) is not cache work
+        cache_s = time.perf_counter() - t1 - wait_s - cache_io_s - streamed_s
         rt.stats.overflow += len(overflow)
         self._count_decode(io + early, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted,
-                           wait_s=wait_s + io.seconds)
-        return y
-
-    def _uncached(self, x: mx.array, ids: np.ndarray, reader) -> mx.array:
-        """FFN over neurons the cache cannot hold this token, through the stream buffer."""
-        rt = self._rt
-        rows = rt.chunk.shape[0]
-        y = None
-        for start in range(0, len(ids), rows):
-            part_ids = ids[start : start + rows]
-            n = len(part_ids)
-            reader.read(self.offset, part_ids, rt.chunk_np[:n])
-            part = self._ffn(x, n, mx.array(part_ids))
-            part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
-            y = part if y is None else y + part
-            mx.eval(y)  # the stream buffer is overwritten next
+                           wait_s=wait_s + cache_io_s + overflow_wait)
         return y
 
     def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted,

@@ -186,8 +186,9 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
         dense_neuron = sum(p.nbytes for p in m.parts if p.axis == "row") + d_float
     dense_ffn = n * m.ffn_dim * dense_neuron
     model = resident + n * m.ffn_dim * m.payload_bytes  # its bytes on disk
-    # the stream buffer, and for packed records the reader's scratch blocks as large again
-    buffers = stream_rows(m) * m.record_bytes * (2 if m.packed else 1)
+    # the stream buffer (a dense FFN's: two, one read while the other computes), and for packed
+    # records the reader's scratch blocks as large as one
+    buffers = stream_rows(m) * m.record_bytes * ((1 if m.experts else 2) + (1 if m.packed else 0))
     # a chunk's parts made contiguous (ffn.py: float records copied out, quantized ones by MLX)
     buffers += stream_rows(m) * m.payload_bytes
     if compute == "dequantized":  # one piece being dequantized: MLX's transient + its values

@@ -265,7 +265,8 @@ def test_hybrid_and_unbundled_modes_are_exact(fixture_dir):
 
 def test_bench_on_opt_fixture(fixture_dir):
     m = fmt.read_manifest(fixture_dir)
-    result = bench.bench(fixture_dir, memory="100%model", tokens=4, prompt=PROMPT,
+    # 120%: the exact predictors add half the FFN again, and a dense FFN streams through two buffers
+    result = bench.bench(fixture_dir, memory="120%model", tokens=4, prompt=PROMPT,
                          strategies="naive,predicted,window,all,lookahead,mmap",
                          profile=_profile(fixture_dir))
     rows = {r["strategy"]: r for r in result["rows"]}
@@ -311,7 +312,7 @@ def test_bench_cli_on_the_synthetic_model(synthetic, tmp_path):
     env = {**os.environ, "MLX_FLASH_PROBE": str(file), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_flash.cli", "bench", "--model", str(flash), "--memory",
-         "90%model", "--tokens", "3", "--strategies", "dense,hybrid,+bundling,mmap-nolimit",
+         "120%model", "--tokens", "3", "--strategies", "dense,hybrid,+bundling,mmap-nolimit",
          "--json"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
