@@ -67,6 +67,7 @@ class NeuronCache:
                 raise ValueError("a cache of record parts needs a (rows, record_bytes) staging "
                                  "buffer for its reads")
             self._staging = staging
+            self._plain = decode is None  # the matrices hold the parts' bytes as they are
             self._decode = decode or (lambda rows: [rows[:, lo:hi] for lo, hi in parts])
             self._decode_rows = decode_rows or len(staging)  # staged records decoded at a time
             widths = widths if decode is not None else [hi - lo for lo, hi in parts]
@@ -130,7 +131,7 @@ class NeuronCache:
         if m:
             start, end = self.num_used, self.num_used + m
             # Bookkeeping only after a successful read: a failed read leaves the cache consistent.
-            self._read(reader, layer_offset, missing, start)
+            missing = self._read(reader, layer_offset, missing, start)
             self.pointer[start:end] = missing
             self.last_k_active[start:end] = step
             self.row_of[missing] = np.arange(start, end)
@@ -154,19 +155,39 @@ class NeuronCache:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _read(self, reader: FlashReader, layer_offset: int, ids: np.ndarray, start: int) -> None:
-        """Records `ids` into rows start.. (straight in, or through the staging buffer)."""
+    def _read(self, reader: FlashReader, layer_offset: int, ids: np.ndarray,
+              start: int) -> np.ndarray:
+        """Records `ids` into rows start.. (straight in, or through the staging buffer); returns
+        the ids in row order. A reader with `split` (lookahead.Prefetched) holds some records in
+        memory already: those are copied from there into the first rows, once."""
         if self.parts is None:
             reader.read(layer_offset, ids, self._rows[start : start + len(ids)])
-            return
+            return ids
+        split = getattr(reader, "split", None)
+        order = ids
+        if split is not None:
+            held, records, at, ids, reader = split(ids)
+            self._store(records, at, start)
+            start += len(held)
+            order = np.concatenate([held, ids])
         stage = self._staging
         for a in range(0, len(ids), len(stage)):
             chunk = ids[a : a + len(stage)]
             reader.read(layer_offset, chunk, stage[: len(chunk)])
-            for b in range(0, len(chunk), self._decode_rows):
-                e = min(b + self._decode_rows, len(chunk))
-                for piece, matrix in zip(self._decode(stage[b:e]), self._matrices, strict=True):
-                    matrix[start + a + b : start + a + e] = piece
+            self._store(stage, np.arange(len(chunk)), start + a)
+        return order
+
+    def _store(self, records: np.ndarray, at: np.ndarray, start: int) -> None:
+        """Rows `at` of `records` (whole records) into rows start.. of the part matrices."""
+        for b in range(0, len(at), self._decode_rows):
+            rows = at[b : b + self._decode_rows]
+            lo, hi = start + b, start + b + len(rows)
+            if self._plain:  # each part's bytes gathered from the records, not whole records
+                for (p_lo, p_hi), matrix in zip(self.parts, self._matrices, strict=True):
+                    matrix[lo:hi] = records[rows, p_lo:p_hi]
+                continue
+            for piece, matrix in zip(self._decode(records[rows]), self._matrices, strict=True):
+                matrix[lo:hi] = piece
 
     def _make_room(self, need: int, step: int) -> int:
         """Delete the `need` least recently active rows that are not active at `step`."""

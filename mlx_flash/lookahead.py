@@ -74,11 +74,24 @@ class Prefetched:
         self._held, self._buffer, self._reader = pending.held, pending.buffer, reader
         self.used = self.needed = 0
 
-    def read(self, layer_offset: int, ids: np.ndarray, out: np.ndarray) -> None:
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whether each of ids is held, its row in the buffer where it is)."""
         held = self._held
         pos = np.searchsorted(held, ids)
         inside = pos < len(held)
         inside[inside] = held[pos[inside]] == ids[inside]
+        self.used += int(inside.sum())
+        self.needed += len(ids)
+        return inside, pos
+
+    def split(self, ids: np.ndarray):
+        """(the ids held, the buffer, their rows in it, the other ids, the reader for those): a
+        cache copies the held records out of the buffer itself (NeuronCache._read)."""
+        inside, pos = self._find(ids)
+        return ids[inside], self._buffer, pos[inside], ids[~inside], self._reader
+
+    def read(self, layer_offset: int, ids: np.ndarray, out: np.ndarray) -> None:
+        inside, pos = self._find(ids)
         rest = np.flatnonzero(~inside)
         if len(rest):  # read into the first rows (aligned), then moved to theirs
             self._reader.read(layer_offset, ids[rest], out[: len(rest)])
@@ -86,5 +99,3 @@ class Prefetched:
                 out[rest] = out[: len(rest)].copy()
         hit = np.flatnonzero(inside)
         out[hit] = self._buffer[pos[hit]]
-        self.used += len(hit)
-        self.needed += len(ids)

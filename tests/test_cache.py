@@ -156,3 +156,27 @@ def test_unsorted_active_ids_are_accepted(reader, bundles):
     assert cache.ids().tolist() == [2, 5, 9]
     with pytest.raises(ValueError):
         cache.ensure(np.array([N_NEURONS]), 1, reader, LAYER_OFFSET)
+
+
+def test_parts_cache_takes_the_lookaheads_records_from_its_buffer(reader, bundles):
+    from mlx_flash.lookahead import Pending, Prefetched
+    from mlx_flash.storage import aligned_empty
+
+    records = bundles[1]
+    spans = [(0, RB // 4), (RB // 2, RB // 2 + 8)]
+    staging = aligned_empty(4, RB, ALIGN)[1]
+    cache = NeuronCache(12, RB, N_NEURONS, ALIGN, parts=spans, staging=staging)
+    cache.ensure(np.array([1, 2]), 0, reader, LAYER_OFFSET)
+    held = np.array([2, 5, 7, 9, 30])  # what a lookahead read for this layer (2 is cached)
+    buffer = records[held].copy()
+    prefetched = Prefetched(Pending(held, buffer, None), reader)
+    before = reader.snapshot()
+    stats = cache.ensure(np.array([1, 5, 6, 9, 11, 30, 40]), 1, prefetched, LAYER_OFFSET)
+    assert (stats.hits, stats.misses) == (1, 6)
+    assert reader.delta(before).bytes == 3 * RB  # 6, 11, 40 read; 5, 9, 30 from the buffer
+    assert (prefetched.used, prefetched.needed) == (3, 6)
+    ids = cache.ids()
+    assert sorted(ids.tolist()) == [1, 2, 5, 6, 9, 11, 30, 40]
+    assert (cache.row_of[ids] == np.arange(len(ids))).all()
+    for (lo, hi), got in zip(spans, cache.part_weights(), strict=True):
+        np.testing.assert_array_equal(np.array(got), records[ids][:, lo:hi])

@@ -51,7 +51,7 @@ def bench(
     model: Annotated[Path, typer.Option("--model", "-m", help="A flash model dir (mlx-flash convert, or tools/synthetic_flash.py).")],
     memory: Annotated[str, typer.Option("--memory", help="Memory budget, as for generate; enforced as a real limit where the platform allows.")] = "50%model",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Decode tokens per strategy.")] = 8,
-    strategies: Annotated[str | None, typer.Option("--strategies", help="Comma list: dense, naive, hybrid, predicted, +window, +bundling, all, mmap, mmap-nolimit. Default: all.")] = None,
+    strategies: Annotated[str | None, typer.Option("--strategies", help="Comma list: dense, naive, hybrid, predicted, +window, +bundling, all, +lookahead (all with the next layer's reads started early), mmap, mmap-nolimit; an MoE: dense, naive, +cache, all, mmap. Default: all of them.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text (the same for every strategy).")] = None,
     window: WindowOpt = 4,
     max_context: Annotated[int, typer.Option("--max-context", min=16, help="Tokens of KV cache the budget reserves.")] = 256,
