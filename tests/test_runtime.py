@@ -77,6 +77,38 @@ def test_oracle_is_exact(flash_dirs, name, variant):
         assert stats["evictions_per_token"] == 0
 
 
+def test_overflow_read_as_whole_runs_is_exact(flash_dirs, monkeypatch):
+    """Overflow runs read whole (the wanted neurons masked in) give the dense model's logits;
+    the gaps are read too, so more bytes than reading the wanted records alone."""
+    from mlx_flash import ffn
+
+    path = flash_dirs["llama-relu-fixture"]
+    dense, tok = load_dense(path)
+    ref_tokens, ref_logits = _greedy_logits(dense, tok, n=16)
+    per_token = {}
+    for density in (2.0, 0.0):  # never bridged; always bridged where a run has a gap
+        monkeypatch.setattr(ffn, "BRIDGE_DENSITY", density)
+        flash, _ = runtime.load(path, memory="1GB", mode="oracle", capacity=64)
+        tokens, logits = _greedy_logits(flash, tok, n=16)
+        assert tokens == ref_tokens
+        assert np.abs(logits - ref_logits).max() <= 1e-4
+        per_token[density] = flash.flash.runtime.stats.per_token()["flash_bytes_per_token"]
+    assert per_token[0.0] > per_token[2.0]
+
+
+def test_bridge_cuts_sorted_ids_into_masked_runs():
+    from mlx_flash.ffn import _bridge
+
+    ids = np.array([0, 1, 3, 4, 5, 7, 20, 40, 41, 42, 43])
+    pieces, keeps = _bridge(ids, 8)
+    # [0, 8): 6 of 8 wanted -> read whole; 20 and 40-43 too sparse together -> read as they are
+    assert [p.tolist() for p in pieces] == [list(range(8)), [20, 40, 41, 42, 43]]
+    assert np.array(keeps[0]).tolist() == [[1, 1, 0, 1, 1, 1, 0, 1]] and keeps[1] is None
+    wanted = np.concatenate([p[np.array(k)[0] > 0] if k is not None else p
+                             for p, k in zip(pieces, keeps, strict=True)])
+    assert wanted.tolist() == ids.tolist()
+
+
 def test_fresh_loads_shrink_with_the_window(flash_dirs):
     """Windowing must cut reads: k=4 reads fewer bytes per token than k=1 (DESIGN.md table)."""
     path = flash_dirs["opt-fixture"]
