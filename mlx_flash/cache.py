@@ -174,14 +174,17 @@ class NeuronCache:
         for a in range(0, len(ids), len(stage)):
             chunk = ids[a : a + len(stage)]
             reader.read(layer_offset, chunk, stage[: len(chunk)])
-            self._store(stage, np.arange(len(chunk)), start + a)
+            self._store(stage, len(chunk), start + a)
         return order
 
-    def _store(self, records: np.ndarray, at: np.ndarray, start: int) -> None:
-        """Rows `at` of `records` (whole records) into rows start.. of the part matrices."""
-        for b in range(0, len(at), self._decode_rows):
-            rows = at[b : b + self._decode_rows]
-            lo, hi = start + b, start + b + len(rows)
+    def _store(self, records: np.ndarray, at: np.ndarray | int, start: int) -> None:
+        """Rows `at` of `records` (whole records; an int n: the first n) into rows start.. of the
+        part matrices."""
+        count = at if isinstance(at, int) else len(at)
+        for b in range(0, count, self._decode_rows):
+            e = min(b + self._decode_rows, count)
+            rows = slice(b, e) if isinstance(at, int) else at[b:e]  # a slice copies once
+            lo, hi = start + b, start + e
             if self._plain:  # each part's bytes gathered from the records, not whole records
                 for (p_lo, p_hi), matrix in zip(self.parts, self._matrices, strict=True):
                     matrix[lo:hi] = records[rows, p_lo:p_hi]

@@ -60,7 +60,7 @@ class FlashRuntime:
         rows = stream_rows(manifest)
         self.chunk, self.chunk_np = aligned_empty(rows, manifest.record_bytes)
         # a dense FFN streams through two such buffers: the next chunk is read while this one
-        # computes (FlashMLP._stream), by a thread of its own
+        # computes (FlashMLP._stream), by a thread of its own; an MoE reads its own way (moe.py)
         self.chunks = [(self.chunk, self.chunk_np)]
         if not manifest.experts:
             self.chunks.append(aligned_empty(rows, manifest.record_bytes))
@@ -260,27 +260,23 @@ class FlashMLP(nn.Module):
         fills a buffer. While one piece computes, the next is read on the stream thread into the
         other buffer. Returns (y, seconds waited for reads)."""
         rt = self._rt
-        two = len(rt.chunks) == 2
         y, waited = None, 0.0
 
         def start(k: int):
-            out = rt.chunks[k % 2 if two else 0][1][: len(pieces[k])]
-            return rt.read_in_background(read, pieces[k], out)
+            return rt.read_in_background(read, pieces[k], rt.chunks[k % 2][1][: len(pieces[k])])
 
         pending = start(0)
         for k, ids in enumerate(pieces):
             t = time.perf_counter()
             pending.result()
             waited += time.perf_counter() - t
-            if two and k + 1 < len(pieces):
+            if k + 1 < len(pieces):
                 pending = start(k + 1)
             keep = None if keeps is None else keeps[k]
-            part = self._ffn(x, len(ids), mx.array(ids), k % 2 if two else 0, keep)
+            part = self._ffn(x, len(ids), mx.array(ids), k % 2, keep)
             part = part.astype(mx.float32)  # partial sums add up in float32: one rounding
             y = part if y is None else y + part
             mx.eval(y)  # this buffer is read into again two pieces on
-            if not two and k + 1 < len(pieces):
-                pending = start(k + 1)
         return y, waited
 
     def _active(self, x: mx.array) -> np.ndarray:
