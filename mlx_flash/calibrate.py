@@ -56,6 +56,12 @@ DEFAULT_SPARSITY = 0.5  # non-ReLU models: fraction of |act(gate)*up| counted as
 HELDOUT_FRACTION = 0.1
 CHUNK_TOKENS = 4096  # tokens per block forward
 MAGNITUDE_SAMPLE = 8192  # tokens whose |activation| quantile sets a non-ReLU threshold
+# A second text, unlike the calibration text: half of it sets the thresholds too (the target
+# recall must hold on it as well), the other half is scored and reported. Out-of-domain text cost
+# SmolLM2's fixture-calib predictors 3 points of recall (0.952 -> 0.923) and its predicted mode
+# +19% perplexity (docs/BENCHMARKS.md).
+HOLDOUT_FILE = "holdout-en.txt"
+HOLDOUT_TOKENS = 4096
 
 
 class DenseFFN:
@@ -189,9 +195,12 @@ class LayerData:
 
 
 def walk(m: fmt.Manifest, config: dict, seqs: np.ndarray, sparsity: float | None,
-         act_thresholds: list[float] | None, progress: bool, desc: str):
+         act_thresholds: list[float] | None, progress: bool, desc: str,
+         label_rows: int | None = None):
     """Yield `LayerData` per layer while moving the hidden states of `seqs` (S, L) through the
-    model. A layer's row files are valid until the next one is yielded."""
+    model. A layer's row files are valid until the next one is yielded. A non-ReLU model's
+    magnitude threshold comes from the first `label_rows` token rows (default all): the
+    calibration text, not the held-out one behind it."""
     spec = models.flash_spec(m.architecture)
     act_name = spec.activation(spec.text(config))
     exact = activations.is_exact_sparse(act_name)
@@ -238,7 +247,7 @@ def walk(m: fmt.Manifest, config: dict, seqs: np.ndarray, sparsity: float | None
                 threshold = None
                 if not exact:
                     threshold = (act_thresholds[i] if act_thresholds is not None
-                                 else _magnitude_threshold(ffn, x, sparsity))
+                                 else _magnitude_threshold(ffn, x, sparsity, label_rows))
                     for s, xb in x.blocks():
                         active.write(s, np.abs(ffn.hidden(xb)) > threshold)
                 model.layers[i] = None  # done with its weights
@@ -276,39 +285,69 @@ def _check_scratch_space(m: fmt.Manifest, tokens: int) -> None:
                          "some, or pass fewer --tokens)")
 
 
-def _magnitude_threshold(ffn: DenseFFN, x: RowFile, sparsity: float) -> float:
-    """The |act(gate)*up| quantile at `sparsity` over a strided sample of tokens (CATS/TEAL)."""
-    sample = x.take(np.arange(0, len(x), max(1, len(x) // MAGNITUDE_SAMPLE)))
+def _magnitude_threshold(ffn: DenseFFN, x: RowFile, sparsity: float,
+                         rows: int | None = None) -> float:
+    """The |act(gate)*up| quantile at `sparsity` over a strided sample of the first `rows` tokens
+    (default all; CATS/TEAL)."""
+    rows = len(x) if rows is None else rows
+    sample = x.take(np.arange(0, rows, max(1, rows // MAGNITUDE_SAMPLE)))
     return float(np.quantile(np.abs(ffn.hidden(sample)), sparsity))
 
 
-def sequences(path: Path, data: str | Path, tokens: int, seq_len: int) -> np.ndarray:
-    """The first `tokens` tokens of the text file `data` as (S, seq_len) sequences."""
-    ids = read_tokens(load_tokenizer(path), data, tokens)
-    n = len(ids) // seq_len
-    if n < 2:
-        raise FlashError(f"{data}: {len(ids)} tokens, need at least {2 * seq_len} "
-                         f"(two sequences of {seq_len})")
-    return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+def sequences(path: Path, data, tokens: int, seq_len: int, least: int = 2) -> np.ndarray:
+    """The first `tokens` tokens of the text file `data` as (S, seq_len) sequences; several
+    files (a list) give a mix: an equal share of tokens from each, their sequences taken in
+    turn. At least `least` sequences, else a FlashError."""
+    files = list(data) if isinstance(data, (list, tuple)) else [data]
+    tokenizer = load_tokenizer(path)
+    parts = []
+    for file in files:
+        ids = read_tokens(tokenizer, file, -(-tokens // len(files)))
+        n = len(ids) // seq_len
+        need = -(-least // len(files))
+        if n < need:
+            raise FlashError(f"{file}: {len(ids)} tokens, need at least {need * seq_len} "
+                             f"({_count(need, 'sequence')} of {seq_len})")
+        parts.append(np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len))
+    if len(parts) == 1:
+        return parts[0]
+    order = sorted(((k / len(p), i, k) for i, p in enumerate(parts) for k in range(len(p))))
+    return np.stack([parts[i][k] for _, i, k in order])  # interleaved: each file in turn
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def default_holdout() -> Path:
+    """The general-English text shipped with mlx-flash (Wikipedia articles, CC BY-SA; see
+    mlx_flash/data/README.md): unlike most calibration text, so the thresholds hold beyond it."""
+    return Path(__file__).parent / "data" / HOLDOUT_FILE
 
 
 def calibrate(
     path: str | Path,
-    data: str | Path,
+    data: str | Path | list,
     tokens: int = DEFAULT_TOKENS,
     ranks: str | int | None = None,
     target_recall: float = DEFAULT_TARGET_RECALL,
     sparsity: float | None = None,
     progress: bool = True,
     seq_len: int = 256,
+    holdout: str | Path | None = "default",
+    holdout_tokens: int = HOLDOUT_TOKENS,
 ) -> dict:
-    """Train one predictor per layer on `tokens` tokens of the text file `data`.
+    """Train one predictor per layer on `tokens` tokens of the text file `data` (or a mix of
+    several files: a list).
 
     Writes `predictors.safetensors` into the flash dir (atomically) and a `predictors` entry with
     per-layer metrics into its manifest (atomically). `ranks`: see `parse_ranks`. `sparsity`
     (non-ReLU models only, default 0.5): the fraction of |act(gate)*up| values counted as
-    inactive. Returns the manifest entry (JSON-able), whose `layers` is the per-layer table on
-    held-out tokens.
+    inactive. `holdout`: a second text unlike `data` ("default": the general-English text
+    shipped with mlx-flash; None: none), `holdout_tokens` of it: each threshold also reaches the
+    target recall on half of them, and the other half is scored. Returns the manifest entry
+    (JSON-able): `layers` is the per-layer table on held-out calibration tokens, `holdout` the
+    same on the second text.
     """
     start = time.perf_counter()
     m = fmt.read_manifest(path)
@@ -335,20 +374,33 @@ def calibrate(
                          f"got {tokens}")
     rank_list = parse_ranks(ranks, m.num_layers, m.d_model, m.ffn_dim)
     seqs = sequences(m.path, data, tokens, seq_len)
-    _check_scratch_space(m, seqs.size)
+    if holdout == "default":
+        holdout = default_holdout()
+    extra = (np.empty((0, seq_len), np.int32) if holdout is None
+             else sequences(m.path, holdout, holdout_tokens, seq_len, least=2))
+    calib = seqs.size  # token rows of the calibration text; the second text's follow
+    _check_scratch_space(m, calib + extra.size)
     held = max(1, round(len(seqs) * HELDOUT_FRACTION))
     split = (len(seqs) - held) * seq_len  # tokens of the training part
+    # the second text: its first half sets thresholds with the held-out calibration tokens,
+    # its second half is only scored
+    half = calib + len(extra) // 2 * seq_len
 
-    tensors, rows, act_thresholds = {}, [], []
-    for lay in walk(m, config, seqs, sparsity, None, progress, "calibrate"):
+    tensors, rows, out_rows, act_thresholds = {}, [], [], []
+    for lay in walk(m, config, np.concatenate([seqs, extra]), sparsity, None, progress,
+                    "calibrate", label_rows=calib):
         i = lay.index
         positive = sum(int(yb.sum()) for _, yb in lay.active.blocks(0, split)) / (split * m.ffn_dim)
         params = init_params(lay.x, split, lay.ffn.w_in, lay.ffn.b_in, rank_list[i])
         params = train(lay.x, lay.active, split, params, positive, seed=i)
         params = [p.astype(np.float16).astype(np.float32) for p in params]  # as stored
-        threshold = pick_threshold(lay.x, lay.active, split, params, target_recall)
+        threshold = pick_threshold(lay.x, lay.active, split, params, target_recall, stop=calib)
+        if len(extra):
+            threshold = min(threshold, pick_threshold(lay.x, lay.active, calib, params,
+                                                      target_recall, stop=half))
+            out_rows.append({"layer": i, **metrics(lay.x, lay.active, half, params, threshold)})
         row = {"layer": i, "rank": rank_list[i], "threshold": threshold}
-        row.update(metrics(lay.x, lay.active, split, params, threshold))
+        row.update(metrics(lay.x, lay.active, split, params, threshold, stop=calib))
         rows.append(row)
         act_thresholds.append(lay.act_threshold)
         for key, value in zip(("A", "B", "bias"), params):
@@ -367,7 +419,8 @@ def calibrate(
         "sparsity": sparsity,
         "activation_thresholds": None if relu else act_thresholds,
         "calibration": {
-            "data": Path(data).name,
+            "data": ", ".join(Path(f).name for f in (data if isinstance(data, (list, tuple))
+                                                     else [data])),
             "tokens": int(seqs.size),
             "train_tokens": split,
             "heldout_tokens": int(seqs.size) - split,
@@ -375,6 +428,13 @@ def calibrate(
             "seconds": round(time.perf_counter() - start, 1),
         },
         "layers": rows,
+        # the second text's scored half (None without one)
+        "holdout": None if holdout is None else {
+            "data": Path(holdout).name,
+            "threshold_tokens": half - calib,
+            "tokens": int(calib + extra.size - half),
+            "layers": out_rows,
+        },
         "crc32": crc,
     }
     try:

@@ -283,10 +283,10 @@ class FlashMLP(nn.Module):
         """Sorted ids of the neurons to hold for the rows of x: predicted, or the exact set."""
         if self.predictor is not None:
             mask = self.predictor(x)  # (n, ffn) bool
+        elif not self._rt.exact_sparse:
+            return np.arange(self._rt.manifest.ffn_dim)  # no exact zeros: every neuron is active
         else:
             w_in, b_in = self._oracle
-            if not self._rt.exact_sparse:
-                return np.arange(w_in.shape[0])  # no exact zeros: every neuron is active
             z = x @ w_in.T
             mask = (z + b_in if b_in is not None else z) > 0
         # The one device->host sync of the layer: the read plan needs the ids on the CPU.

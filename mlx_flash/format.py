@@ -461,5 +461,13 @@ def _calibration(entry) -> str | None:
     if not isinstance(entry, dict):
         return None
     cal = entry.get("calibration") or {}
-    return (f"{cal.get('tokens', '?')} tokens of {cal.get('data', '?')}, target recall "
+    text = (f"{cal.get('tokens', '?')} tokens of {cal.get('data', '?')}, target recall "
             f"{entry.get('target_recall', '?')}")
+    for name, rows, data in (("held out", entry.get("layers"), cal.get("data")),
+                             ("second text", (entry.get("holdout") or {}).get("layers"),
+                              (entry.get("holdout") or {}).get("data"))):
+        recall = [r.get("recall") for r in rows or [] if isinstance(r, dict)]
+        if recall and all(isinstance(v, (int, float)) for v in recall):
+            text += (f"; recall {sum(recall) / len(recall):.3f} (lowest layer "
+                     f"{min(recall):.3f}) on {name} {data}")
+    return text

@@ -14,20 +14,25 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import models, platform, quant
+from . import activations, models, platform, quant
 from .checkpoint import load_config
 from .errors import FlashError
-from .ffn import FlashMLP, FlashRuntime
+from .ffn import BRIDGE_DENSITY, FlashMLP, FlashRuntime
 from .format import Manifest, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer, quantize_modules
 from .lookahead import Prefetch
 from .memory import Budget, lookahead_row_bytes, plan_budget
 from .profiles import profile_used, reader_settings
 from .state import FlashState, FlashStats
+from .units import format_bytes
 
 MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted")
 DEFAULT_WINDOW = 4
 ALLOCATOR_CACHE_BYTES = 32 << 20  # freed MLX buffers kept for reuse in flash modes
+# `auto` runs a non-ReLU model's predictors only where they are expected to save at least this
+# share of the exact path's reads: below it they cost quality for almost nothing (SmolLM2 at
+# 50%model: 0.98 of the FFN read, +19% perplexity on encyclopedia text; issue 30).
+MIN_PREDICTED_SAVING = 0.10
 
 
 def _pop_biases(m: Manifest, weights: dict[str, mx.array]) -> dict[int, dict[str, mx.array]]:
@@ -93,6 +98,7 @@ def load(
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    asked, note = mode, None
     if window < 1:
         raise FlashError(f"window must be >= 1 (got {window})")
     path = Path(path)
@@ -145,6 +151,21 @@ def load(
     if lookahead and not manifest.experts and mode in ("oracle", "predicted"):
         ahead_rows = budget.plan_lookahead(
             lookahead_row_bytes(manifest.record_bytes, manifest.packed))
+    act = spec.activation(text)
+    exact_sparse = activations.is_exact_sparse(act)
+    fixed = capacity is not None
+    if asked == "auto" and mode == "predicted" and not exact_sparse and not by_layer:
+        # every neuron of a non-ReLU FFN is active: the exact path needs no predictor, so it
+        # runs where the predictors would not fit or would save little
+        rows = capacity if fixed else min(budget.capacity, manifest.ffn_dim)
+        saving = predicted_saving(manifest, rows) if rows >= 1 else None
+        if rows < 1 or (saving is not None and saving < MIN_PREDICTED_SAVING):
+            note = ("note: every neuron is computed (the exact path): "
+                    + (f"at this budget the predictors would save about {max(saving, 0):.0%} "
+                       "of the bytes read per token, at a cost in quality" if rows >= 1 else
+                       f"the budget leaves no room for the predictors "
+                       f"({format_bytes(budget.other)})") + "; --mode predicted runs them")
+            mode, predictors, budget.other = "oracle", None, 0
     if capacity is None:
         if manifest.experts:  # whole experts, at least the top-k experts of one token
             budget.require_experts(manifest.expert_ffn, top_k)
@@ -173,7 +194,6 @@ def load(
     if threads is None or max_request_bytes is None:
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
-    act = spec.activation(text)
     rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled, compute,
                       mapped)
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
@@ -195,7 +215,9 @@ def load(
 
                 ffn = FlashExperts(rt, i, capacities[i], ahead)
             else:
-                oracle = _oracle(manifest, i, biases.get(i, {}), f) if mode == "oracle" else None
+                # a ReLU oracle needs the dense input products; otherwise every neuron is active
+                oracle = (_oracle(manifest, i, biases.get(i, {}), f)
+                          if mode == "oracle" and exact_sparse else None)
                 ffn = FlashMLP(rt, i, capacities[i], biases.get(i, {}), oracle,
                                predictors[i] if predictors else None)
             _set_module(layer, rt.spec.module, ffn)
@@ -220,8 +242,39 @@ def load(
     # memory limit (Linux charges page cache to it).
     platform.evict_from_page_cache(manifest.resident_path)
     model.eval()
-    model.flash = FlashState(mode, budget, rt, capacity, max_context)
+    model.flash = FlashState(mode, budget, rt, capacity, max_context, note=note)
     return model, load_tokenizer(path)
+
+
+def predicted_saving(m: Manifest, capacity: int) -> float | None:
+    """The share of the exact path's FFN reads per token that a non-ReLU model's predictors are
+    expected to save with `capacity` cache rows per layer, from calibration's predicted-active
+    fraction of each layer (the larger of the calibration text's and the second text's); None
+    when the manifest has no such figures or nothing is read either way.
+
+    The exact path reads the ffn_dim - capacity uncached neurons. Predicted mode reads the
+    predicted ones among them, but a share of BRIDGE_DENSITY or more is read as whole runs
+    (ffn._bridge): then all of them. (The window's gain is left out: a cache that can hold the
+    window's predicted sets holds nearly the whole layer at these fractions.)"""
+    entry = m.extra.get("predictors") or {}
+    tables = [entry.get("layers"), (entry.get("holdout") or {}).get("layers")]
+    fractions = [0.0] * m.num_layers
+    for rows in tables:
+        if not rows:
+            continue
+        values = [r.get("predicted_active_fraction") if isinstance(r, dict) else None
+                  for r in rows]
+        if len(values) != m.num_layers or not all(isinstance(v, (int, float)) for v in values):
+            return None
+        fractions = [max(a, b) for a, b in zip(fractions, values)]
+    if not any(fractions):
+        return None
+    uncached = max(m.ffn_dim - capacity, 0)
+    exact = uncached * m.num_layers
+    if exact == 0:
+        return None
+    predicted = sum(uncached * (1.0 if p >= BRIDGE_DENSITY else p) for p in fractions)
+    return 1 - predicted / exact
 
 
 def _active_fractions(m: Manifest) -> list[float] | None:

@@ -97,6 +97,7 @@ class FlashState:
     max_context: int | None = None  # tokens the KV cache may hold (None: the model's limit)
     base_rss_bytes: int | None = None  # the process's RSS before the model loaded
     pipeline: Any = None  # rank 0 under `mlx.launch`: distributed.Pipeline (the other ranks)
+    note: str | None = None  # why `auto` chose this mode, where the user should know
 
     @property
     def streaming(self) -> bool:

@@ -142,11 +142,12 @@ def logits(x: np.ndarray, params: list[np.ndarray]) -> np.ndarray:
     return (x @ A.T) @ B.T + bias
 
 
-def pick_threshold(x: RowFile, y: RowFile, start: int, params, target_recall: float) -> float:
-    """The largest logit cut with recall >= target_recall on rows [start, end), as a float32
+def pick_threshold(x: RowFile, y: RowFile, start: int, params, target_recall: float,
+                   stop: int | None = None) -> float:
+    """The largest logit cut with recall >= target_recall on rows [start, stop), as a float32
     probability."""
     pos = np.concatenate([logits(xb, params)[y.read(s, s + len(xb))]
-                          for s, xb in x.blocks(start)])
+                          for s, xb in x.blocks(start, stop)])
     if not len(pos):
         return 0.5
     miss = int(math.floor((1 - target_recall) * len(pos)))  # positives we may lose
@@ -181,10 +182,11 @@ class Metrics:
         }
 
 
-def metrics(x: RowFile, y: RowFile, start: int, params, threshold: float) -> dict:
-    """`Metrics` of the predictor on rows [start, end)."""
+def metrics(x: RowFile, y: RowFile, start: int, params, threshold: float,
+            stop: int | None = None) -> dict:
+    """`Metrics` of the predictor on rows [start, stop)."""
     cut, m = logit_cut(threshold), Metrics()
-    for s, xb in x.blocks(start):
+    for s, xb in x.blocks(start, stop):
         m.add(logits(xb, params) > cut, y.read(s, s + len(xb)))
     return m.row()
 

@@ -79,12 +79,14 @@ def verify(path: FlashDirArg, as_json: JsonOpt = False):
 @friendly
 def calibrate(
     path: Annotated[Path, typer.Argument(help="A flash model dir (from `mlx-flash convert`).")],
-    data: Annotated[Path, typer.Option("--data", help="Calibration text file (training-like text).")],
+    data: Annotated[list[Path], typer.Option("--data", help="Calibration text file (training-like text); repeat it for a mix (an equal share of tokens from each, in turn).")],
     tokens: Annotated[int, typer.Option("--tokens", min=512, help="Calibration tokens.")] = 200_000,
     rank: Annotated[int | None, typer.Option("--rank", min=1, help="One predictor rank for every layer.")] = None,
     ranks: Annotated[str | None, typer.Option("--ranks", help="Per-layer ranks: comma list, one per layer.")] = None,
-    target_recall: Annotated[float, typer.Option("--target-recall", "--recall", min=0.5, max=1.0, help="Recall the thresholds aim at on held-out tokens.")] = 0.95,
+    target_recall: Annotated[float, typer.Option("--target-recall", "--recall", min=0.5, max=1.0, help="Recall the thresholds aim at on held-out tokens (of the calibration text and of the --holdout text).")] = 0.95,
     sparsity: Annotated[float | None, typer.Option("--sparsity", min=0.0, max=0.99, help="Non-ReLU models: fraction of |act(gate)*up| treated as inactive (default 0.5).")] = None,
+    holdout: Annotated[str, typer.Option("--holdout", help="A second text unlike --data: half of it sets the thresholds too, so the recall holds beyond the calibration text, and the other half is scored (shown here and by `info`). Default: the general-English text shipped with mlx-flash (Wikipedia articles); none: no second text.")] = "default",
+    holdout_tokens: Annotated[int, typer.Option("--holdout-tokens", min=128, help="Tokens of the --holdout text.")] = 4096,
     as_json: JsonOpt = False,
 ):
     """Train the low-rank activation predictors of a flash dir, layer by layer."""
@@ -92,14 +94,26 @@ def calibrate(
 
     if rank is not None and ranks is not None:
         raise FlashError("give --rank or --ranks, not both")
-    report = run(path, data, tokens=tokens, ranks=rank if rank is not None else ranks,
-                 target_recall=target_recall, sparsity=sparsity, progress=not as_json)
+    second = None if holdout == "none" else holdout
+    report = run(path, data if len(data) > 1 else data[0], tokens=tokens,
+                 ranks=rank if rank is not None else ranks, target_recall=target_recall,
+                 sparsity=sparsity, progress=not as_json, holdout=second,
+                 holdout_tokens=holdout_tokens)
     if as_json:
         typer.echo(json.dumps(report))
         return
-    typer.echo("layer  rank  true sparsity  predicted active  recall  precision")
+    second = report.get("holdout")
+    cal = report["calibration"]
+    typer.echo(f"held out: {cal['heldout_tokens']} tokens of {cal['data']}"
+               + (f"; {second['tokens']} tokens of {second['data']}" if second else ""))
+    typer.echo("layer  rank  true sparsity  predicted active  recall  precision"
+               + ("  | second text: predicted active  recall" if second else ""))
     for i, row in enumerate(report["layers"]):
-        typer.echo(f"{i:>5}  {row.get('rank', ''):>4}  {row['true_sparsity']:>13.3f}  "
-                   f"{row['predicted_active_fraction']:>16.3f}  {row['recall']:>6.3f}  "
-                   f"{row['precision']:>9.3f}")
+        line = (f"{i:>5}  {row.get('rank', ''):>4}  {row['true_sparsity']:>13.3f}  "
+                f"{row['predicted_active_fraction']:>16.3f}  {row['recall']:>6.3f}  "
+                f"{row['precision']:>9.3f}")
+        if second:
+            out = second["layers"][i]
+            line += f"  | {out['predicted_active_fraction']:>29.3f}  {out['recall']:>6.3f}"
+        typer.echo(line)
     typer.echo(f"wrote {Path(path) / 'predictors.safetensors'}")

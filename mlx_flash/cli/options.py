@@ -190,7 +190,9 @@ def load_model(model: str | None = None, memory=None, mode: str = "auto", window
         say("note: the whole model fits the memory budget; loaded densely")
     if mode == "dense" and memory is not None and loaded.budget is not None:
         say("note: --mode dense holds every weight in memory; the --memory budget is not applied")
-    if mode in ("auto", "predicted") and loaded.mode == "oracle":
+    if loaded.note is not None:
+        say(loaded.note)
+    elif mode in ("auto", "predicted") and loaded.mode == "oracle":
         say("note: no predictors in this model dir; the exact oracle picks the neurons "
             "(run `mlx-flash calibrate`)")
     return m, tok
