@@ -28,7 +28,8 @@ def load(
     path = Path(path)
     base = platform.current_rss_bytes()
     model, tokenizer = _load(path, memory, mode, window, max_context, **kwargs)
-    model.flash.base_rss_bytes = base
+    if model.flash.base_rss_bytes is None:  # a flash dir's load measures it after the tokenizer
+        model.flash.base_rss_bytes = base
     return model, tokenizer
 
 

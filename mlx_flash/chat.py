@@ -219,7 +219,8 @@ class ChatSession:
         if budget is not None and state.streaming:
             # What the budget pays for, with the KV cache as allocated now rather than reserved.
             parts = {"resident_bytes": budget.resident, "neuron_cache_bytes": budget.neuron_cache,
-                     "buffer_bytes": budget.buffers + budget.other}
+                     "buffer_bytes": budget.buffers + budget.other,
+                     "computing_bytes": budget.working}
         else:
             parts = {"resident_bytes": sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))}
         s.update(parts, kv_cache_bytes=kv, model_memory_bytes=sum(parts.values()) + kv,
@@ -249,7 +250,8 @@ def format_stats(s: dict) -> str:
     of = f" of a {mib(budget)} budget" if budget else ""
     parts = [f"{name} {mib(s[key])}" for name, key in (
         ("resident", "resident_bytes"), ("neuron caches", "neuron_cache_bytes"),
-        ("buffers", "buffer_bytes"), ("KV cache", "kv_cache_bytes")) if key in s]
+        ("buffers", "buffer_bytes"), ("computing", "computing_bytes"),
+        ("KV cache", "kv_cache_bytes")) if key in s]
     lines.append(f"memory    {mib(s['model_memory_bytes'])} in use{of}: {', '.join(parts)}")
     lines.append(f"process   RSS {mib(s['rss_bytes'])}, peak {mib(s['peak_rss_bytes'])} "
                  "(with the Python and MLX runtime)")

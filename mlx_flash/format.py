@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import models
+from . import models, platform
 from .dtypes import BY_NAME, BY_SAFETENSORS, FLOATS
 from .errors import FormatError
 from .layout import (  # noqa: F401  (the layout's names are part of this module's API)
@@ -397,6 +397,31 @@ def read_layer_records(m: Manifest, layer: int, start: int = 0, count: int | Non
     finally:
         if file is None:
             f.close()
+    return out
+
+
+def load_resident(m: Manifest, names=None) -> dict[str, mx.array]:
+    """The resident tensors (or those in `names`) as MLX arrays, each read straight into its own
+    memory around the page cache (`platform.read_uncached`): under a memory limit that counts
+    page cache (Linux cgroups) the weights are held once, not also as cached file pages, as
+    `mx.load` leaves them."""
+    header, start = read_safetensors_header(m.resident_path, RESIDENT_FILE)
+    out = {}
+    for name, entry in header.items():
+        if names is not None and name not in names:
+            continue
+        dtype = BY_SAFETENSORS[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        raw = np.empty(end - begin, dtype=np.uint8)
+        if end > begin:
+            platform.read_uncached(m.resident_path, start + begin, raw)
+        # copied into MLX's own buffer, one tensor at a time (an MLX array viewed as numpy and
+        # written into crashed the process once glibc returned freed blocks to the OS)
+        target = dtype.mx if dtype.mx is not None else getattr(mx, dtype.name)
+        array = mx.array(raw.view(dtype.storage)).view(target).reshape(entry["shape"])
+        mx.eval(array)
+        out[name] = array
+        del raw
     return out
 
 

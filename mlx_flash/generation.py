@@ -134,13 +134,23 @@ def context_limit(model) -> int:
 
 def new_cache(model) -> list:
     """mlx-lm's KV cache for `model`, grown in steps no larger than the context it was loaded
-    for: the cache never takes more memory than the budget reserved for it."""
+    for: the cache never takes more memory than the budget reserved for it. Under a budget it
+    takes the whole reserved context at its first token: growing by steps copies the cache
+    into a larger one, twice its size for a moment."""
     cache = make_prompt_cache(model)
     limit = context_limit(model)
+    budgeted = state_of(model).budget is not None
     for c in cache:
-        if getattr(c, "step", 0) > limit:
+        if getattr(c, "step", 0) > limit or (budgeted and hasattr(c, "step")):
             c.step = limit  # mlx-lm's KVCache allocates `step` tokens at a time (256)
     return cache
+
+
+def prefill_tokens(model) -> int | None:
+    """The prompt tokens per prefill step that the model's budget planned for (None: no
+    budget, mlx-lm's default)."""
+    budget = state_of(model).budget
+    return None if budget is None else budget.prefill_tokens
 
 
 def as_chat(tokenizer, prompt: str, raw: bool = False) -> str | list[int]:
@@ -218,6 +228,8 @@ def stream_generate(
         prompt = prompt.tolist()
     if kwargs.get("prompt_cache") is None:
         kwargs["prompt_cache"] = new_cache(model)
+    if kwargs.get("prefill_step_size") is None and (step := prefill_tokens(model)):
+        kwargs["prefill_step_size"] = step  # what the budget holds the transients of
     cached = kwargs["prompt_cache"][0].offset if kwargs["prompt_cache"] else 0
     max_tokens = fit_context(model, len(prompt), max_tokens, cached)
     pending = _Pending()

@@ -24,6 +24,16 @@ DEQUANT_ROWS = 128
 DEQUANT_PEAK = 6
 # the most the dense lookahead's two buffers (and their reader's scratch) take (lookahead.py)
 LOOKAHEAD_BYTES = 64 << 20
+# A prompt is prefilled this many tokens at a time at most (mlx-lm's default is 2048), fewer
+# where that step's transients (`activation_bytes`) would take more than 1/ACTIVATION_SHARE of
+# the budget; they are counted in it either way.
+PREFILL_TOKENS = 512
+MIN_PREFILL_TOKENS = 16
+ACTIVATION_SHARE = 8
+# MLX keeps freed buffers for reuse up to its cache limit: the budget gives it 1/64 of itself,
+# at most 32 MiB, and counts it (uncapped, it keeps the prefill's freed activations).
+ALLOCATOR_CACHE_BYTES = 32 << 20
+ALLOCATOR_CACHE_SHARE = 64
 _FORMS = "bytes with a unit (8GB, 512MiB, 8B), a fraction of RAM (0.5, 25%) or of the model (50%model)"
 
 
@@ -83,6 +93,24 @@ def lookahead_row_bytes(record_bytes: int, packed: bool) -> int:
     return record_bytes * (3 if packed else 2)
 
 
+def activation_bytes(m: Manifest, config: dict, tokens: int, max_context: int,
+                     top_k: int = 1) -> int:
+    """What a prefill step of `tokens` tokens holds beside the weights, caches and buffers at its
+    peak, as float32 values: per token, the hidden states (8 d), one head's row of attention
+    scores per head over the context, and the FFN's products (a dense FFN's stream piece of
+    gate, up and hidden; an MoE's top-k experts' inputs, products and outputs); and the last
+    token's logits. Measured on MLX's CPU backend it held 0.5-0.6 of this (512 tokens: 47.6 MiB
+    of the estimate's 80 for a d-1024 top-8 MoE, 15.7 of 29 for SmolLM2; docs/BENCHMARKS.md)."""
+    d = m.d_model
+    heads = config.get("num_attention_heads", 1)
+    per_token = 8 * d + heads * max_context
+    if m.experts:
+        per_token += top_k * (d + 2 * m.expert_ffn)
+    else:
+        per_token += 3 * stream_rows(m)
+    return 4 * (tokens * per_token + 3 * config.get("vocab_size", 0))
+
+
 def _kv_bytes(config: dict, manifest: Manifest, max_context: int, layers: int) -> int:
     heads = config.get("num_attention_heads", 1)
     head_dim = config.get("head_dim") or manifest.d_model // heads
@@ -105,15 +133,25 @@ class Budget:
     ffn_dim: int
     max_context: int
     other: int = 0  # predictors
+    activations: int = 0  # a prefill step's transients (`activation_bytes`)
+    prefill_tokens: int = PREFILL_TOKENS  # the prompt tokens of one prefill step
+    allocator_cache: int = 0  # the freed buffers MLX may keep for reuse
+
+    @property
+    def working(self) -> int:
+        """What computing takes beside the weights: a prefill step's transients and MLX's cache
+        of freed buffers."""
+        return self.activations + self.allocator_cache
 
     @property
     def fits_dense(self) -> bool:
-        return self.total >= self.resident + self.kv_cache + self.dense_ffn
+        return self.total >= self.resident + self.kv_cache + self.dense_ffn + self.working
 
     @property
     def free_for_cache(self) -> int:
         """What the neuron caches may take: the budget less everything else."""
-        return self.total - self.resident - self.kv_cache - self.buffers - self.other
+        return (self.total - self.resident - self.kv_cache - self.buffers - self.other
+                - self.working)
 
     @property
     def capacity(self) -> int:
@@ -133,14 +171,27 @@ class Budget:
         self.buffers += rows * row_bytes
         return rows
 
+    def fit_working(self, rows: int = 1) -> None:
+        """Halve the prefill step (down to MIN_PREFILL_TOKENS) while the caches would get fewer
+        than `rows` rows per layer: a tight budget prefills in smaller steps rather than fail."""
+        size = getattr(self, "activation_of", None)
+        while (size is not None and self.capacity < rows
+               and self.prefill_tokens > MIN_PREFILL_TOKENS):
+            self.prefill_tokens //= 2
+            self.activations = size(self.prefill_tokens)
+
     def require_flash(self) -> None:
+        self.fit_working()
         if self.capacity < 1:
-            need = (self.resident + self.kv_cache + self.buffers + self.other
+            need = (self.resident + self.kv_cache + self.buffers + self.other + self.working
                     + self.num_layers * self.neuron_bytes)
+            predictors = (f", predictors (or the oracle's input projections) "
+                          f"{format_bytes(self.other)}" if self.other else "")
             raise FlashError(
                 f"memory budget {format_bytes(self.total)} is too small: resident weights need "
-                f"{format_bytes(self.resident)}, read buffers {format_bytes(self.buffers)}, predictors "
-                f"{format_bytes(self.other)}, the KV cache {format_bytes(self.kv_cache)}; give at least "
+                f"{format_bytes(self.resident)}, read buffers {format_bytes(self.buffers)}"
+                f"{predictors}, computing {format_bytes(self.working)}, the KV cache "
+                f"{format_bytes(self.kv_cache)}; give at least "
                 f"{format_bytes(need)} to --memory (more for a useful neuron cache), or lower "
                 f"--max-context (the KV cache for {self.max_context} tokens takes "
                 f"{format_bytes(self.kv_cache)})"
@@ -148,6 +199,7 @@ class Budget:
 
     def require_experts(self, expert_ffn: int, top_k: int) -> None:
         """MoE: FlashError unless every layer's cache holds the `top_k` experts of one token."""
+        self.fit_working(top_k * expert_ffn)
         if self.capacity >= top_k * expert_ffn:
             return
         others = self.total - self.free_for_cache
@@ -199,9 +251,20 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
     if m.experts:  # the lookahead's buffer: one token's experts
         top_k = config.get(models.flash_spec(m.architecture).top_k or "", 1)
         buffers += top_k * m.expert_ffn * m.record_bytes
-    return Budget(
+    budget = Budget(
         total=parse_memory(memory, model), model=model, resident=resident,
         kv_cache=_kv_bytes(config, m, max_context, n), buffers=buffers,
         dense_ffn=dense_ffn, neuron_bytes=neuron,
         num_layers=n, ffn_dim=m.ffn_dim, max_context=max_context,
     )
+    budget.allocator_cache = min(ALLOCATOR_CACHE_BYTES, budget.total // ALLOCATOR_CACHE_SHARE)
+    top_k = config.get(models.flash_spec(m.architecture).top_k or "", 1)
+    tokens = PREFILL_TOKENS
+    while (tokens > MIN_PREFILL_TOKENS and activation_bytes(m, config, tokens, max_context, top_k)
+           > budget.total // ACTIVATION_SHARE):
+        tokens //= 2
+    budget.prefill_tokens = tokens
+    # not a field (as_dict leaves it out): what a smaller step would hold (fit_working)
+    budget.activation_of = lambda t: activation_bytes(m, config, t, max_context, top_k)
+    budget.activations = budget.activation_of(tokens)
+    return budget

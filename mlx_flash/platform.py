@@ -163,3 +163,76 @@ def memory_cgroup() -> Path | None:
         if "memory" in controllers.split(","):
             return root / where.lstrip("/")
     return root
+
+
+def memory_limit_bytes() -> int | None:
+    """The memory limit of this process's cgroup (Linux v1 `memory.limit_in_bytes` or v2
+    `memory.max`, page cache included), None where there is none or it cannot be read."""
+    if not IS_LINUX:
+        return None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        where = where.lstrip("/")
+        if "memory" in controllers.split(","):
+            file = Path("/sys/fs/cgroup/memory") / where / "memory.limit_in_bytes"
+        elif controllers == "":
+            file = Path("/sys/fs/cgroup") / where / "memory.max"
+        else:
+            continue
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < physical_memory_bytes():
+            return int(text)  # v1 reports "no limit" as a huge number, v2 as "max"
+    return None
+
+
+def limit_allocator_retention() -> None:
+    """Make the C allocator give freed large blocks back to the system (Linux glibc: a fixed
+    128 KiB mmap and trim threshold instead of glibc's growing one, which keeps tens of MiB of
+    freed numpy and reader temporaries in the process after a prefill). Elsewhere nothing."""
+    if not IS_LINUX:
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl): its allocator returns memory itself
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    mallopt(m_mmap_threshold, 128 << 10)
+    mallopt(m_trim_threshold, 128 << 10)
+    # one heap per reader thread (glibc's default, up to 8 per core) each keeps its own freed
+    # memory: two heaps for the process
+    mallopt(m_arena_max, 2)
+
+
+def read_uncached(path: str | os.PathLike, offset: int, out,
+                  chunk: int = 8 << 20) -> None:
+    """Read `out.nbytes` bytes of `path` at `offset` into the writable uint8 array `out`
+    without leaving them in the page cache (Linux: each chunk dropped once read; macOS:
+    F_NOCACHE), so a memory limit that counts page cache sees the bytes once, not twice."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if IS_MACOS:
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done : done + chunk]], offset + done)
+            if n <= 0:
+                raise OSError(f"{path}: unexpected end of file at byte {offset + done}")
+            if not IS_MACOS:
+                os.posix_fadvise(fd, offset + done, n, os.POSIX_FADV_DONTNEED)
+            done += n
+    finally:
+        os.close(fd)

@@ -18,21 +18,28 @@ from . import activations, models, platform, quant
 from .checkpoint import load_config
 from .errors import FlashError
 from .ffn import BRIDGE_DENSITY, FlashMLP, FlashRuntime
-from .format import Manifest, read_layer_records, read_manifest
+from .format import Manifest, load_resident, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer, quantize_modules
 from .lookahead import Prefetch
 from .memory import Budget, lookahead_row_bytes, plan_budget
 from .profiles import profile_used, reader_settings
 from .state import FlashState, FlashStats
+from .storage import aligned_empty
 from .units import format_bytes
 
 MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted")
 DEFAULT_WINDOW = 4
-ALLOCATOR_CACHE_BYTES = 32 << 20  # freed MLX buffers kept for reuse in flash modes
 # `auto` runs a non-ReLU model's predictors only where they are expected to save at least this
 # share of the exact path's reads: below it they cost quality for almost nothing (SmolLM2 at
 # 50%model: 0.98 of the FFN read, +19% perplexity on encyclopedia text; issue 30).
 MIN_PREDICTED_SAVING = 0.10
+# The model's part of the process keeps within its budget to this share (what bench and the
+# tests allow it under a real memory limit; what a cgroup limit must leave beside the budget).
+BUDGET_SLACK = 0.05
+# What a process's RSS moves between two measurements of its base (the manifest read, a module
+# imported late): the refusal below is for a budget that plainly cannot fit, not a near miss.
+LIMIT_TOLERANCE = 8 << 20
+ORACLE_READ_BYTES = 4 << 20  # records read at a time for the oracle's input projections
 
 
 def _pop_biases(m: Manifest, weights: dict[str, mx.array]) -> dict[int, dict[str, mx.array]]:
@@ -63,6 +70,7 @@ def load(
     mapped: bool = False,
     per_layer: bool = False,
     stage=None,
+    tokenizer=None,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -94,7 +102,8 @@ def load(
     from calibration (`layer_capacities`) instead of the same rows for every layer; on opt-fixture it read
     between 0.6% more and 2.6% fewer bytes (docs/BENCHMARKS.md), so it is off by default.
     `stage` (a `distributed.Stage`): load only its layers (and, on rank 0, the embeddings and
-    head); the budget covers only them; the other layers become placeholders.
+    head); the budget covers only them; the other layers become placeholders. `tokenizer`: the
+    dir's tokenizer, already loaded (else it is loaded first, before the base RSS is measured).
     """
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -104,6 +113,14 @@ def load(
     path = Path(path)
     config = load_config(path)
     manifest = read_manifest(path)
+    # What is not the model's, before the budget's share is measured: the tokenizer (tens of MiB
+    # for a large vocabulary) and the model file's code; then the process's RSS is the base
+    # (`--memory` covers what comes after it).
+    platform.limit_allocator_retention()
+    tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+    models.architecture(config.get("model_type"))
+    warm_up_mlx()
+    base_rss = platform.current_rss_bytes()
     if compute is not None and compute not in quant.COMPUTES:
         raise FlashError(f"unknown compute {compute!r}; choose one of {', '.join(quant.COMPUTES)}")
     if manifest.quantization is None:
@@ -121,9 +138,15 @@ def load(
         max_context = min(2048, text.get("max_position_embeddings") or 2048)
     budget = plan_budget(manifest, text, memory, max_context, compute,
                          *((len(stage.layers), stage.resident_bytes) if stage else ()))
+    if mode != "dense":
+        check_memory_limit(budget.total, base_rss)
+    # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's
+    # freed blocks would stay in the process beside the budget (a memory limit then kills it).
+    mx.set_cache_limit(budget.allocator_cache)
     if mode == "dense" or (mode == "auto" and budget.fits_dense):
-        model, tokenizer = stage.load_dense(path) if stage else load_dense(path)
-        model.flash = FlashState("dense", budget, max_context=max_context)
+        model, _ = stage.load_dense(path) if stage else load_dense(path)
+        model.flash = FlashState("dense", budget, max_context=max_context,
+                                 base_rss_bytes=base_rss)
         return model, tokenizer
     if manifest.experts:  # MoE: the router picks the experts exactly; nothing to calibrate
         if mode == "hybrid":
@@ -166,6 +189,20 @@ def load(
                        f"the budget leaves no room for the predictors "
                        f"({format_bytes(budget.other)})") + "; --mode predicted runs them")
             mode, predictors, budget.other = "oracle", None, 0
+    if mode == "oracle" and exact_sparse and not manifest.experts:
+        # the ReLU oracle holds each layer's input projection (and its bias) to find the set
+        first = manifest.parts[0]
+        inputs = manifest.num_layers * manifest.ffn_dim * (
+            manifest.d_model * manifest.itemsize + (manifest.itemsize if first.bias else 0))
+        budget.other += inputs
+        if asked == "auto" and capacity is None and budget.capacity < 1:
+            # no predictors, no room for the oracle's projections: the exact path without them
+            budget.other -= inputs
+            mode = "hybrid"
+            note = (f"note: no predictors in this model dir, and the budget cannot also hold the "
+                    f"exact oracle's input projections ({format_bytes(inputs)}): each layer's "
+                    "first neurons stay cached and the rest are read every token (hybrid; run "
+                    "`mlx-flash calibrate`)")
     if capacity is None:
         if manifest.experts:  # whole experts, at least the top-k experts of one token
             budget.require_experts(manifest.expert_ffn, top_k)
@@ -179,12 +216,9 @@ def load(
     capacities = [capacity] * manifest.num_layers
     if by_layer and (fractions := _active_fractions(manifest)):
         capacities = layer_capacities(capacity, fractions, manifest.ffn_dim)
-    # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's
-    # freed blocks would stay in the process beside the budget (a memory limit then kills it).
-    mx.set_cache_limit(ALLOCATOR_CACHE_BYTES)
 
     model = build_model(config)
-    resident = dict(mx.load(str(manifest.resident_path)))
+    resident = load_resident(manifest)
     biases = _pop_biases(manifest, resident)
     weights = model.sanitize(resident)
     if stage is not None:  # the other ranks' layers become placeholders; their weights go
@@ -238,12 +272,44 @@ def load(
                 router = _module(layer, rt.spec.router)
                 flash[i - 1].link(flash[i], getattr(router, "guess", router))
     mx.eval(model.parameters())
-    # The resident weights now live in MLX memory; their page-cache copy would only press on a
-    # memory limit (Linux charges page cache to it).
-    platform.evict_from_page_cache(manifest.resident_path)
     model.eval()
-    model.flash = FlashState(mode, budget, rt, capacity, max_context, note=note)
-    return model, load_tokenizer(path)
+    model.flash = FlashState(mode, budget, rt, capacity, max_context, note=note,
+                             base_rss_bytes=base_rss)
+    return model, tokenizer
+
+
+def warm_up_mlx() -> None:
+    """Run each kind of MLX kernel a model calls once on tiny inputs: MLX's first use of its
+    CPU backend (its stream thread, kernel state) takes ~4.5 MiB of RSS that belongs to the
+    library, not to the model, so it lands before the base RSS is measured."""
+    for dt in (mx.float16, mx.bfloat16, mx.float32):
+        x, w = mx.ones((4, 64), dtype=dt), mx.ones((64, 64), dtype=dt)
+        y = mx.fast.rms_norm(x, mx.ones((64,), dt), 1e-5) @ w
+        q = mx.ones((1, 2, 4, 32), dt)
+        q = mx.fast.rope(q, 32, traditional=False, base=1e4, scale=1.0, offset=0)
+        a = mx.fast.scaled_dot_product_attention(q, q, q, scale=0.1, mask="causal")
+        p = mx.softmax(y.astype(mx.float32), axis=-1)
+        mx.eval(y, a, p, mx.argmax(p, -1), mx.logsumexp(p, -1), nn.silu(y), nn.gelu(y))
+    wq, sc, bi = mx.quantize(mx.ones((64, 64)), 64, 4)
+    mx.eval(mx.quantized_matmul(mx.ones((4, 64)), wq, sc, bi, transpose=True, group_size=64,
+                                bits=4),
+            mx.gather_qmm(mx.ones((4, 1, 1, 64)), wq[None], sc[None], bi[None],
+                          rhs_indices=mx.zeros((4, 1), mx.uint32), transpose=True,
+                          group_size=64, bits=4))
+
+
+def check_memory_limit(budget: int, base_rss: int) -> None:
+    """FlashError, before anything is loaded, when `budget` plus what the process already holds
+    (`base_rss`) cannot fit the memory limit of its cgroup (Linux; none elsewhere)."""
+    limit = platform.memory_limit_bytes()
+    if limit is None or base_rss + budget <= limit + LIMIT_TOLERANCE:
+        return
+    room = int((limit - base_rss) / (1 + BUDGET_SLACK))
+    fix = (f"give --memory at most {format_bytes(room)}" if room > 0
+           else "raise the limit")
+    raise FlashError(f"--memory {format_bytes(budget)} and the {format_bytes(base_rss)} this "
+                     f"process holds before the model (Python, libraries, the tokenizer) exceed "
+                     f"the {format_bytes(limit)} memory limit of its cgroup; {fix}")
 
 
 def predicted_saving(m: Manifest, capacity: int) -> float | None:
@@ -326,7 +392,14 @@ def _set_module(layer: nn.Module, path: str, module: nn.Module) -> None:
 def _oracle(m: Manifest, layer: int, biases: dict, f) -> tuple[mx.array, mx.array | None]:
     """The dense input matrix (ffn, d) of one layer and its bias, for the exact activation."""
     part = m.parts[0]  # the activation's input: its sign decides a ReLU neuron's activity
-    return m.part_values(read_layer_records(m, layer, file=f), part), biases.get(part.name)
+    # read a slice of the layer at a time: whole records would briefly take the layer's size
+    matrix, view = aligned_empty(m.ffn_dim, m.d_model * m.itemsize)
+    rows = max(1, ORACLE_READ_BYTES // m.record_bytes)
+    for start in range(0, m.ffn_dim, rows):
+        n = min(rows, m.ffn_dim - start)
+        values = m.part_values(read_layer_records(m, layer, start, n, file=f), part)
+        view[start : start + n] = np.array(values.view(mx.uint8))
+    return matrix.view(m.mx_dtype), biases.get(part.name)
 
 
 __all__ = ["load", "FlashMLP", "FlashRuntime", "FlashState", "FlashStats", "MODES", "Budget"]

@@ -173,6 +173,6 @@ def stats_line(s: dict, detail: bool = False) -> str:
     if detail:
         rss = f"peak RSS {mib(s['peak_rss_bytes'], 0)}"
         if s.get("base_rss_bytes"):
-            rss += f" ({mib(s['base_rss_bytes'], 0)} of it before the model: Python and libraries)"
+            rss += f" ({mib(s['base_rss_bytes'], 0)} of it before the model: Python, libraries and the tokenizer)"
         parts.append(rss)
     return "[" + ", ".join(parts) + "]"

@@ -58,7 +58,7 @@ def test_generate_is_mlx_lm_underneath(dense):
 
 
 def test_stream_generate_carries_flash_stats(flash_dir, dense):
-    model, tokenizer = load(flash_dir, memory="6.5MB", max_context=256)
+    model, tokenizer = load(flash_dir, memory="8.5MB", max_context=256)
     responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=12))
     assert len(responses) == 12
     assert all(isinstance(r, FlashResponse) and isinstance(r, GenerationResponse)
@@ -66,7 +66,7 @@ def test_stream_generate_carries_flash_stats(flash_dir, dense):
     last = responses[-1]
     assert last.finish_reason == "length" and last.stats["mode"] == "oracle"
     assert last.stats["flash_bytes_per_token"] > 0 and last.stats["cache_hit_rate"] is not None
-    assert last.stats["memory_budget_bytes"] == 6_500_000
+    assert last.stats["memory_budget_bytes"] == 8_500_000
     # Exact active set: the same tokens as the dense model.
     assert [r.token for r in responses] == generate(*dense, PROMPT, max_tokens=12)["tokens"]
     # Figures cover one call: a second call counts its own one-token steps only (the prompt's

@@ -153,8 +153,10 @@ def test_quantized_synthetic_dir_is_a_quantized_flash_dir(tmp_path):
     for compute in ("quantized", "dequantized"):
         flash, _ = runtime.load(out, memory="4MiB", mode="naive", compute=compute)
         assert _greedy(flash, tok) == want, compute
-    # flash modes cap MLX's cache of freed buffers (else they sit beside the budget)
-    assert mx.set_cache_limit(runtime.ALLOCATOR_CACHE_BYTES) == runtime.ALLOCATOR_CACHE_BYTES
+    # flash modes cap MLX's cache of freed buffers (else they sit beside the budget), and the
+    # budget counts the cap
+    cap = flash.flash.budget.allocator_cache
+    assert 0 < cap <= 4 * 2**20 // 64 and mx.set_cache_limit(cap) == cap
     budget = flash.flash.budget  # what %model takes a share of: the dir's bytes on disk
     assert budget.model == m.resident_bytes + m.num_layers * m.ffn_dim * m.record_bytes
     with pytest.raises(SystemExit, match="not with --quantize"):
@@ -175,7 +177,7 @@ def test_quantized_decode_stays_inside_the_budget(tmp_path, compute):
                                 vocab=8192, max_pos=64, quantize=4)
     gc.collect()
     before = mx.get_active_memory()  # what earlier tests left in this process
-    model, _ = runtime.load(out, memory="85%model", mode="naive", compute=compute, max_context=64)
+    model, _ = runtime.load(out, memory="95%model", mode="naive", compute=compute, max_context=64)
     cache = new_cache(model)
     mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
     mx.reset_peak_memory()
@@ -312,13 +314,14 @@ def test_bench_cli_on_the_synthetic_model(synthetic, tmp_path):
     env = {**os.environ, "MLX_FLASH_PROBE": str(file), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_flash.cli", "bench", "--model", str(flash), "--memory",
-         "120%model", "--tokens", "3", "--strategies", "dense,hybrid,+bundling,mmap-nolimit",
+         "150%model", "--tokens", "3", "--strategies", "dense,hybrid,+bundling,mmap-nolimit",
          "--json"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["synthetic"] and result["checkpoint"] == str(synthetic[1].resolve())
     rows = {r["strategy"]: r for r in result["rows"]}
-    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert all(r["status"] == "ok" for r in rows.values()), {
+        k: r.get("reason") for k, r in rows.items()}
     m = fmt.read_manifest(flash)
     resident = round(rows["hybrid"]["capacity_fraction"] * m.ffn_dim)
     assert rows["hybrid"]["flash_bytes_per_token"] == m.num_layers * (m.ffn_dim - resident) * m.record_bytes

@@ -18,7 +18,7 @@ from mlx_flash.errors import FlashError
 
 from .conftest import EMBEDDED
 
-FLASH = {"memory": "6.5MB", "max_context": 256}
+FLASH = {"memory": "8.5MB", "max_context": 256}
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -191,7 +191,7 @@ def test_chat_in_a_real_terminal(flash_dir):
     """Through a pseudo-terminal: streamed reply, /stats, Ctrl-C mid-reply, next turn, /quit."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "mlx_flash.cli", "chat", "--model", str(flash_dir), "--memory", "6.5MB",
+        ["-m", "mlx_flash.cli", "chat", "--model", str(flash_dir), "--memory", "8.5MB",
          "--max-context", "256", "--max-tokens", "40"],
         encoding="utf-8", timeout=60, dimensions=(40, 200),
     )
@@ -206,7 +206,7 @@ def test_chat_in_a_real_terminal(flash_dir):
         child.sendline("/stats")
         child.expect(">> ")
         stats = _clean(child.before)
-        for needle in ("tok/s", "MiB/token", "cache hit rate", "of a 6.20 MiB budget"):
+        for needle in ("tok/s", "MiB/token", "cache hit rate", "of a 8.11 MiB budget"):
             assert needle in stats
 
         child.sendline("Tell me about files.")

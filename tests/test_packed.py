@@ -57,7 +57,7 @@ def test_packed_layout_reads_the_same_model(packed_and_aligned):
     outs = []
     for path in (packed, aligned):
         for mode in ("naive", "oracle"):
-            model, tok = load(path, memory="80%model", mode=mode)
+            model, tok = load(path, memory="90%model", mode=mode)
             logits = model(mx.array([ids]))
             outs.append(np.array(logits[0, -1].astype(mx.float32)))
     for o in outs[1:]:

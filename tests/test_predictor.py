@@ -321,8 +321,12 @@ def test_runtime_predicted_mode_without_predictors(opt_dir):
 
     with pytest.raises(FlashError, match="mlx-flash calibrate"):
         runtime.load(opt_dir, memory="200MB", mode="predicted")
-    model, _ = runtime.load(opt_dir, memory="22MB")  # auto: the exact set stands in
-    assert model.flash.mode == "oracle"
+    # auto: the exact set stands in (its input projections, 6.8 MiB, inside the budget) ...
+    model, _ = runtime.load(opt_dir, memory="29MB", max_context=128)
+    assert model.flash.mode == "oracle" and model.flash.budget.other > 6 << 20
+    # ... and where they do not fit beside a neuron-cache row, hybrid reads the same bytes
+    model, _ = runtime.load(opt_dir, memory="26MB", max_context=128)
+    assert model.flash.mode == "hybrid" and "hybrid" in model.flash.note
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from .conftest import EMBEDDED, ROOT
 # naive: every token reads the whole FFN in one order, so a greedy reply does not depend on the
 # requests before it (oracle mode's neuron cache changes the FFN sum's rounding with its history,
 # enough to flip a near tie: "The pipe() system call" after the others, in 3 of 6 random orders).
-FLASH = ["--memory", "6.5MB", "--max-context", "256", "--mode", "naive"]
+FLASH = ["--memory", "8.5MB", "--max-context", "256", "--mode", "naive"]
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 NAMES = ["open", "close", "read", "write", "fork", "pipe", "kill", "exec"]
@@ -86,7 +86,7 @@ def server(flash_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(flash_dir):
     """The same flash dir loaded in this process: the replies the server must give."""
-    return load(flash_dir, memory="6.5MB", max_context=256, mode="naive")
+    return load(flash_dir, memory="8.5MB", max_context=256, mode="naive")
 
 
 def complete(server, prompt: str, max_tokens: int = 10) -> str:
@@ -97,7 +97,7 @@ def complete(server, prompt: str, max_tokens: int = 10) -> str:
 def test_health_and_models(server):
     health = server.get("/health")
     assert health["status"] == "ok" and health["mode"] == "naive"
-    assert health["memory_budget_bytes"] == 6_500_000 and health["max_context"] == 256
+    assert health["memory_budget_bytes"] == 8_500_000 and health["max_context"] == 256
     assert health["peak_rss_bytes"] >= health["rss_bytes"] > 0
     assert [m.id for m in server.client.models.list()] == ["tiny-flash"]
 
@@ -113,7 +113,7 @@ def test_plain_completion_equals_generate(server, local):
     assert reply.usage.completion_tokens == 12
     stats = json.loads(raw.headers["X-Flash-Stats"])
     assert stats == reply.model_extra["x_flash"]
-    assert stats["flash_bytes_per_token"] > 0 and stats["memory_budget_bytes"] == 6_500_000
+    assert stats["flash_bytes_per_token"] > 0 and stats["memory_budget_bytes"] == 8_500_000
 
 
 def test_streamed_chat_uses_plain_turns_without_a_template(server, local):

@@ -3,9 +3,9 @@
 Every strategy runs in a process of its own (`python -m mlx_flash.bench --worker SPEC`), started
 cold: the model's files are dropped from the page cache first, and flash reads bypass it. Where
 the platform allows (Linux, root, cgroup v1 memory controller) the process runs under a real
-memory limit, page cache included: the memory budget plus LIMIT_OVERHEAD (driver.py) for what
-the interpreter allocates besides the model. The worker joins its memory group after its imports,
-so the libraries' own memory (charged before joining) is not counted against the model.
+memory limit, page cache included: the whole worker process joins its memory group first, and
+once its imports and tokenizer are loaded sets the limit to the memory budget plus that base RSS
+plus 5% of the budget (LIMIT_SLACK, driver.py): what `--memory` promises a user.
 
 Strategies, cumulative like the paper's Table 2 rows:
   dense         every weight in memory (mlx-lm's way; no limit: the speed ceiling)

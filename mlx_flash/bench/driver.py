@@ -26,23 +26,30 @@ DEFAULT_PROMPT = "The open() function returns"
 DEFAULT_TOKENS = 8
 DEFAULT_MEMORY = "50%model"
 BENCH_CONTEXT = 256  # KV cache tokens the budget reserves: prompt and generated tokens fit
-LIMIT_OVERHEAD = 128 << 20
+# Each limited strategy runs under budget + its measured base RSS (Python, libraries, tokenizer)
+# + this share of the budget: what `--memory` promises (runtime.BUDGET_SLACK).
+LIMIT_SLACK = 0.05
 PROBE_NOW_SECONDS = 1.0  # the disk reference measured right after each flash strategy
 UNPROBED = dict(threads=16, max_request_bytes=1 << 20)  # reader settings of the other strategies
 
 
+def set_memory_limit(group: Path, limit: int) -> None:
+    """Limit the cgroup v1 memory group `group` to `limit` bytes, page cache (and swap) included."""
+    (group / "memory.limit_in_bytes").write_text(str(limit))
+    if (group / "memory.memsw.limit_in_bytes").exists():
+        (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+
+
 @contextlib.contextmanager
-def _memory_group(parent: Path | None, name: str, limit: int):
-    """A memory group limited to `limit` bytes (page cache included), removed afterwards."""
+def _memory_group(parent: Path | None, name: str):
+    """A memory group (the worker that joins it sets its limit once it knows its base RSS),
+    removed afterwards."""
     if parent is None:
         yield None
         return
     group = parent / f"mlx-flash-bench-{os.getpid()}-{re.sub(r'[^a-z0-9]+', '-', name)}"
     group.mkdir()
     try:
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-        if (group / "memory.memsw.limit_in_bytes").exists():
-            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
         yield group
     finally:
         with contextlib.suppress(OSError):
@@ -112,7 +119,6 @@ def bench(
     probed_threads, probed_request = profile.reader_settings(m.record_bytes)
     ckpt = _source_checkpoint(m, checkpoint)
     parent = platform.memory_cgroup() if limit else None
-    limit_bytes = budget.total + LIMIT_OVERHEAD
     has_predictors = (path / "predictors.safetensors").exists() or (path / SYNTHETIC_FILE).exists()
 
     load_before = os.getloadavg()
@@ -128,14 +134,17 @@ def bench(
                   if FLASH.get(name, {}).get("probed") else UNPROBED)
         spec = dict(strategy=name, model=str(path), memory=str(memory), tokens=tokens,
                     prompt=prompt, window=window, max_context=max_context,
-                    checkpoint=str(ckpt) if ckpt else None, **reader)
+                    checkpoint=str(ckpt) if ckpt else None, budget_bytes=budget.total,
+                    limit_slack=LIMIT_SLACK, **reader)
         limited = name in FLASH or name == "mmap"
-        with _memory_group(parent if limited else None, name, limit_bytes) as group:
+        with _memory_group(parent if limited else None, name) as group:
             spec["cgroup"] = str(group) if group else None
             row = _spawn(spec, say)
             if group is not None:
-                row["limit_bytes"] = limit_bytes
                 row["cgroup_peak_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
+                limit_bytes = int((group / "memory.limit_in_bytes").read_text())
+                if limit_bytes < platform.physical_memory_bytes():
+                    row["limit_bytes"] = limit_bytes
                 if row["status"] != "ok" and row.get("returncode") == -9:
                     row["reason"] = (f"killed under the {limit_bytes / 2**30:.2f} GiB memory "
                                      "limit (out of memory)")
@@ -153,7 +162,10 @@ def bench(
         "architecture": m.architecture, "dtype": m.dtype, "d_model": m.d_model,
         "ffn_dim": m.ffn_dim, "num_layers": m.num_layers, "record_bytes": m.record_bytes,
         "model_bytes": budget.model, "memory": str(memory), "memory_budget_bytes": budget.total,
-        "memory_limit_bytes": limit_bytes if parent is not None else None,
+        # each limited row's own limit: budget + its base RSS + LIMIT_SLACK of the budget
+        "memory_limit_bytes": max((r["limit_bytes"] for r in rows if r.get("limit_bytes")),
+                                  default=None),
+        "memory_limit_slack": LIMIT_SLACK if parent is not None else None,
         "tokens": tokens, "prompt": prompt, "window": window, "max_context": max_context,
         "checkpoint": str(ckpt) if ckpt else None,
         "probe": {"path": profile.path, "created": profile.created, "direct": profile.direct,

@@ -90,7 +90,8 @@ def format_table(result: dict) -> str:
                  f"{result['ffn_dim']}, {result['num_layers']} layers, {result['dtype']}, "
                  f"{result['model_bytes'] / gb:.2f} GB; budget {result['memory']} = "
                  f"{result['memory_budget_bytes'] / gb:.2f} GB; memory limit "
-                 + (f"{result['memory_limit_bytes'] / gb:.2f} GB (cgroup, page cache included)"
+                 + (f"budget + each process's base RSS + 5% (at most "
+                    f"{result['memory_limit_bytes'] / gb:.2f} GB; cgroup, page cache included)"
                     if result["memory_limit_bytes"] else "none")
                  + f"; {result['tokens']} tokens after a {len(result['prompt'])}-character prompt")
     lines.append(f"{result['machine']} (load average {result['load_average_before']} before, "

@@ -12,6 +12,8 @@ STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "
 MOE_STRATEGIES = ("dense", "naive", "+cache", "all", "mmap")
 FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings from the profile
     "naive": dict(mode="naive"),
+    # the exact set through the cache: an MoE's routed experts, a dense FFN's true active
+    # neurons (every one for SiLU/GELU: what `auto` runs on SmolLM2)
     "+cache": dict(mode="oracle", lookahead=False),
     "hybrid": dict(mode="hybrid"),
     "predicted": dict(mode="predicted", window=1, bundled=False, lookahead=False),
@@ -46,8 +48,6 @@ def _unavailable(name, budget, has_predictors, ckpt, parent, limit, experts=Fals
         return f"the dense model ({dense / 1e9:.1f} GB) does not fit in this machine's memory"
     if experts and name not in MOE_STRATEGIES + ("mmap-nolimit",):
         return "a dense-FFN strategy; an MoE runs " + ", ".join(MOE_STRATEGIES)
-    if not experts and name == "+cache":
-        return "MoE only (a dense FFN's cache is `+window`)"
     if name in FLASH and budget.capacity < 1:
         return "the budget does not hold the resident weights (raise --memory)"
     if name in PREDICTED and not (has_predictors or experts):

@@ -23,12 +23,19 @@ def _decode(model, tokenizer, prompt: str, tokens: int, label: str,
             after_prefill: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
     """Greedy prefill + `tokens` decode steps through a KV cache; (prefill s, seconds per token)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
+
+    from ..generation import new_cache, prefill_tokens
 
     ids = tokenizer.encode(prompt)
-    cache = make_prompt_cache(model)  # mlx-lm's qwen2, qwen3, olmo2 have no make_cache
+    cache = new_cache(model)  # mlx-lm's qwen2, qwen3, olmo2 have no make_cache
     t0 = time.perf_counter()
-    y = int(mx.argmax(model(mx.array([ids]), cache=cache)[0, -1]))
+    # as mlx-lm's generate does: the prompt but its last token in steps of what the budget
+    # planned for (only the KV cache evaluated), then the last token's logits
+    step = prefill_tokens(model) or 2048
+    for a in range(0, len(ids) - 1, step):
+        model(mx.array([ids[a : min(a + step, len(ids) - 1)]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    y = int(mx.argmax(model(mx.array([ids[-1:]]), cache=cache)[0, -1]))
     prefill = time.perf_counter() - t0
     _log(f"{label}: prefill of {len(ids)} tokens {prefill:.1f} s")
     after_prefill()
@@ -42,21 +49,30 @@ def _decode(model, tokenizer, prompt: str, tokens: int, label: str,
 
 
 def _worker(spec: dict) -> dict:
-    import mlx.core as mx  # imported before joining the memory group, like the rest
+    # The whole process in the memory group, as a user's under a limit: its imports, tokenizer
+    # and model. The limit is set once the base is known: budget + base RSS + the slack.
+    if spec.get("cgroup"):
+        Path(spec["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
+    import mlx.core as mx
 
     from .. import format as fmt
-    from .. import runtime
+    from .. import models, runtime
     from ..checkpoint import load_config
     from ..loader import load_dense, load_tokenizer
 
     name, path = spec["strategy"], Path(spec["model"])
     m = fmt.read_manifest(path)
     ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
-    load_tokenizer(path)  # the libraries' own memory: before the baseline and the group
-    mx.eval(mx.ones((4, 4)) @ mx.ones((4,)))
+    tokenizer = load_tokenizer(path)  # the libraries' own memory: before the baseline
+    models.architecture(load_config(path).get("model_type"))
+    runtime.warm_up_mlx()  # as runtime.load does before measuring its base
+    platform.limit_allocator_retention()
     base_rss = platform.current_rss_bytes()
     if spec.get("cgroup"):
-        Path(spec["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
+        from .driver import set_memory_limit
+
+        set_memory_limit(Path(spec["cgroup"]),
+                         base_rss + int(spec["budget_bytes"] * (1 + spec["limit_slack"])))
     for f in [m.ffn_path, m.resident_path, *path.glob("predictors*.safetensors"),
               *(_checkpoint_files(ckpt) if ckpt else [])]:
         platform.evict_from_page_cache(f)
@@ -84,7 +100,7 @@ def _worker(spec: dict) -> dict:
             kw["routers"] = routers
         model, tok = runtime.load(path, memory=spec["memory"], max_context=spec["max_context"],
                                   threads=spec["threads"], max_request_bytes=spec["max_request_bytes"],
-                                  predictors=predictors, **kw)
+                                  predictors=predictors, tokenizer=tokenizer, **kw)
         rt, budget = model.flash.runtime, model.flash.budget
         row.update(mode=kw["mode"], window=kw["window"], bundled=kw.get("bundled", True),
                    threads=rt.reader.threads, max_request_bytes=rt.reader.max_request_rows

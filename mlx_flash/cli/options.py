@@ -22,9 +22,13 @@ ModelOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 MemoryOpt = Annotated[
     str | None,
-    typer.Option("--memory", help="Budget for weights, KV cache, neuron caches and buffers: "
-                 "bytes with a unit (8GB, 512MiB, 100B), a fraction of RAM (0.25 or 25%) or of "
-                 "the model (50%model). Flash dirs only. Default: half the RAM."),
+    typer.Option("--memory", help="Budget for the model's part of the process: resident "
+                 "weights, KV cache, neuron or expert caches, read buffers, predictors and the "
+                 "working memory of computing (a prefill step's activations, MLX's cache of freed "
+                 "buffers); not Python, the libraries or the tokenizer, loaded first (their RSS "
+                 "is `base_rss_bytes` in --json). Bytes with a unit (8GB, 512MiB, 100B), a "
+                 "fraction of RAM (0.25 or 25%) or of the model (50%model). Flash dirs only. "
+                 "Default: half the RAM."),
 ]
 ModeOpt = Annotated[
     str,
