@@ -18,7 +18,8 @@ def load(
     max_context: int | None = None,
     **kwargs,
 ):
-    """Load `(model, tokenizer)` from an HF checkpoint dir (dense) or a flash model dir.
+    """Load `(model, tokenizer)` from an HF checkpoint dir (dense), a flash model dir, or an
+    mlx-lm MoE dir (its experts streamed from its own files: `mlx_flash.direct.load`).
 
     For a flash dir, `memory`, `mode`, `window`, `max_context` (tokens of context the KV cache
     holds) and the other keywords go to `mlx_flash.runtime.load`. An HF checkpoint only loads
@@ -40,6 +41,10 @@ def _load(path: Path, memory, mode, window, max_context, **kwargs):
         if window is not None:
             kwargs["window"] = window
         return runtime.load(path, memory=memory, mode=mode, max_context=max_context, **kwargs)
+    from . import direct
+
+    if mode != "dense" and direct.streamable(path):  # an mlx-lm MoE dir: experts read in place
+        return direct.load(path, memory=memory, mode=mode, max_context=max_context, **kwargs)
     if mode not in ("auto", "dense") or memory is not None or window is not None:
         raise FlashError(
             f"{path} is a Hugging Face checkpoint, which loads only densely; run "
