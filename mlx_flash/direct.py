@@ -403,7 +403,6 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
     budget = Budget(
         total=parse_memory(memory, resident + experts_on_disk), model=resident + experts_on_disk,
         resident=resident, kv_cache=kv_bytes(model, config, max_context, itemsize),
-        # the reader's scratch: a token's experts, each slice widened by up to two blocks
         # the reader's scratch (a token's experts, each slice widened by up to two blocks),
         # the widened slices' staging, the caches' slot of every expert
         buffers=(top_k * (expert_bytes + 2 * 4096 * 9) + stage_bytes
