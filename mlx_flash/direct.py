@@ -109,8 +109,9 @@ def streamable(path: str | Path) -> bool:
 class DirectRuntime:
     """What the `StreamedExperts` of one model share: the reader and the counters."""
 
-    def __init__(self, reader: SpanReader, top_k: int):
-        self.mode = "routed"
+    def __init__(self, reader: SpanReader, top_k: int, naive: bool = False):
+        self.mode = "naive" if naive else "routed"
+        self.naive = naive  # benchmarks: every routed expert read at every step
         self.window = 1
         self.reader = reader
         self.top_k = top_k
@@ -213,6 +214,8 @@ class StreamedExperts(nn.Module):
         missing ones into free slots or the least recently used ones'."""
         c, step = self._lru, self._step
         self._step += 1
+        if self._rt.naive:  # nothing kept from the last step
+            c.slot_of[:], c.expert_at[:], c.last[:] = -1, -1, -1
         have = c.slot_of[experts] >= 0
         c.last[c.slot_of[experts[have]]] = step
         miss = experts[~have]
@@ -313,6 +316,21 @@ def _switches(model: nn.Module) -> list[tuple[str, nn.Module]]:
                                          for t in re.findall(r"\d+|\D+", nm[0])])
 
 
+def _plant(model: nn.Module, switches: list, routers: list, path: Path) -> None:
+    """Each MoE block's router (the `gate` or `router` beside its switch) replaced by the
+    benchmark's planted one of its layer."""
+    if len(routers) != len(switches):
+        raise FlashError(f"{path}: {len(routers)} planted routers for {len(switches)} MoE layers")
+    for (name, _), router in zip(switches, routers, strict=True):
+        block, _ = _owner(model, name)
+        attr = next((a for a in ("gate", "router") if isinstance(getattr(block, a, None),
+                                                                 (nn.Linear, nn.QuantizedLinear))),
+                    None)
+        if attr is None:
+            raise FlashError(f"{path}: the MoE block of {name} has no linear router to plant")
+        setattr(block, attr, router)
+
+
 def kv_bytes(model: nn.Module, config: dict, max_context: int, itemsize: int) -> int:
     """What mlx-lm's cache of `model` holds for `max_context` tokens: each attention layer's keys
     and values (a sliding layer's at most its window), and each linear-attention layer's
@@ -342,35 +360,17 @@ def kv_bytes(model: nn.Module, config: dict, max_context: int, itemsize: int) ->
     return total
 
 
-def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | None = None,
-         threads: int | None = None, tokenizer=None, capacity: int | None = None, **ignored):
-    """Load an mlx-lm MoE dir as (model, tokenizer) within a memory budget, its routed experts
-    streamed from its own files (nothing written), or densely where the whole model fits.
+def plan(path: str | Path, memory=None, max_context: int | None = None) -> SimpleNamespace:
+    """The model of the mlx-lm MoE dir `path` built lazily (nothing read but headers) and its
+    budget: a namespace of model, config, switches (name, module), where (tensors), top_k,
+    expert_bytes, max_context and budget."""
+    from mlx_lm.utils import load_model
 
-    `memory` as `runtime.load`'s (`50%model`: of the dir's weights). `threads`: the reader's
-    (default: the `mlx-flash probe` profile of the volume, else 16). `capacity` (tests,
-    benchmarks): experts cached per layer instead of what the budget gives. The model gains
-    `model.flash` (mode `routed`, the budget and the per-token figures)."""
-    from mlx_lm.utils import _get_classes, load_model
-
-    from .loader import load_tokenizer
-    from .profiles import profile_used, reader_settings
-    from .runtime import check_memory_limit, warm_up_mlx
-
-    if mode not in MODES:
-        raise FlashError(f"--mode {mode} needs a flash dir (`mlx-flash convert`); an mlx-lm "
-                         f"dir's experts stream in auto mode (or load with --mode dense)")
     path = Path(path)
-    config = load_config(path)
-    platform.limit_allocator_retention()
-    tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
     try:
-        _get_classes(config)  # the model file's code is not the model's memory
+        model, config = load_model(path, lazy=True)
     except ValueError as e:
         raise FlashError(f"{path}: {e}") from None
-    warm_up_mlx()
-    base_rss = platform.current_rss_bytes()
-    model, config = load_model(path, lazy=True)
     text = config.get("text_config") or config
     if max_context is None:
         max_context = min(2048, text.get("max_position_embeddings") or 2048)
@@ -416,8 +416,52 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
         tokens //= 2
     budget.prefill_tokens, budget.activation_of = tokens, activation_of
     budget.activations = activation_of(tokens)
+    return SimpleNamespace(model=model, config=config, switches=switches, where=where,
+                           top_k=top_k, expert_bytes=expert_bytes, n_experts=n_experts,
+                           max_context=max_context, budget=budget)
+
+
+def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | None = None,
+         threads: int | None = None, tokenizer=None, capacity: int | None = None,
+         routers: list | None = None, naive: bool = False, stream: bool = False, **ignored):
+    """Load an mlx-lm MoE dir as (model, tokenizer) within a memory budget, its routed experts
+    streamed from its own files (nothing written), or densely where the whole model fits.
+
+    `memory` as `runtime.load`'s (`50%model`: of the dir's weights). `threads`: the reader's
+    (default: the `mlx-flash probe` profile of the volume, else 16). `capacity` (tests,
+    benchmarks): experts cached per layer instead of what the budget gives. Benchmarks only:
+    `routers` (per MoE layer, x -> logits: bench/routing.py's planted routing) replace the
+    blocks' routers (an `nn.Linear` each); `naive` reads every routed expert at every step (a
+    token's experts only held); `stream` streams the experts even where the whole model fits.
+    The model gains
+    `model.flash` (mode `routed`, the budget and the per-token figures)."""
+    from mlx_lm.utils import _get_classes
+
+    from .loader import load_tokenizer
+    from .profiles import profile_used, reader_settings
+    from .runtime import check_memory_limit, warm_up_mlx
+
+    if mode not in MODES:
+        raise FlashError(f"--mode {mode} needs a flash dir (`mlx-flash convert`); an mlx-lm "
+                         f"dir's experts stream in auto mode (or load with --mode dense)")
+    path = Path(path)
+    config = load_config(path)
+    platform.limit_allocator_retention()
+    tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+    try:
+        _get_classes(config)  # the model file's code is not the model's memory
+    except ValueError as e:
+        raise FlashError(f"{path}: {e}") from None
+    warm_up_mlx()
+    base_rss = platform.current_rss_bytes()
+    p = plan(path, memory, max_context)
+    model, config, switches, where, top_k = p.model, p.config, p.switches, p.where, p.top_k
+    budget, max_context, expert_bytes, n_experts = p.budget, p.max_context, p.expert_bytes, \
+        p.n_experts
     mx.set_cache_limit(budget.allocator_cache)
-    if mode == "dense" or (budget.fits_dense and capacity is None):
+    if routers is not None:
+        _plant(model, switches, routers, path)
+    if mode == "dense" or (budget.fits_dense and capacity is None and not (naive or stream)):
         mx.eval(model.parameters())
         model.eval()
         model.flash = FlashState("dense", budget, max_context=max_context, base_rss_bytes=base_rss)
@@ -425,13 +469,13 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
     check_memory_limit(budget.total, base_rss)
     if capacity is None:
         budget.require_experts(1, top_k)
-    slots = min(n_experts, max(top_k, capacity or budget.capacity))
+    slots = top_k if naive else min(n_experts, max(top_k, capacity or budget.capacity))
     files = weight_files(path)
     if threads is None:
         threads, request = reader_settings(files[0], expert_bytes)
     else:
         request = max(1 << 20, expert_bytes)
-    rt = DirectRuntime(SpanReader(files, threads, max_request_bytes=request), top_k)
+    rt = DirectRuntime(SpanReader(files, threads, max_request_bytes=request), top_k, naive)
     rt.reader_profile = profile_used(files[0]) or rt.reader_profile
     for i, (name, switch) in enumerate(switches):
         mine = {pname: where[f"{name}.{pname}"] for pname, _ in tree_flatten(switch.parameters())}

@@ -358,6 +358,38 @@ def test_planted_routing_reuses_experts_and_guesses_as_planned():
     assert 0.6 <= right / (8 * 400) <= 0.8  # planted 0.7
 
 
+def test_bench_on_an_mlx_lm_moe_dir(tmp_path):
+    """The same tiny synthetic Qwen3-MoE in mlx-lm's layout (stacked switch_mlp tensors): bench
+    streams its experts from the dir's own safetensors (zero-copy), mlx-lm's dense load gives
+    the same greedy tokens, the cache reads less than naive, and nothing is written to the dir."""
+    from mlx_flash import direct
+    from tools.synthetic_moe import write_synthetic_moe_mlx_lm
+
+    path = write_synthetic_moe_mlx_lm(tmp_path / "moe", d_model=128, layers=2, experts=8,
+                                      top_k=2, expert_ffn=64, heads=4, kv_heads=2, head_dim=32,
+                                      vocab=8192)
+    assert direct.streamable(path) and not fmt.is_flash_dir(path)
+    before = sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir())
+    result = bench.bench(path, memory="2.2MB", tokens=12, prompt="The open() function",
+                         strategies="dense,naive,+cache,all", limit=False,
+                         profile=_profile(path))
+    assert result["layout"] == "mlx-lm" and result["num_layers"] == 2
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert rows["all"]["status"] == "skipped" and "flash dir" in rows["all"]["reason"]
+    for name in ("dense", "naive", "+cache"):
+        assert rows[name]["status"] == "ok", rows[name]
+    assert len(rows["dense"]["token_ids"]) == 13 and result["tokens_differ"] == []
+    expert = result["record_bytes"]  # one expert's bytes in the dir
+    every_routed = 2 * 2 * expert  # layers x top 2
+    # each expert's nine slices widened to the 4 KiB blocks around them
+    assert every_routed <= rows["naive"]["flash_bytes_per_token"] <= every_routed + 2 * 2 * 9 * 8192
+    assert rows["naive"]["cache_hit_rate"] == 0
+    assert rows["+cache"]["flash_bytes_per_token"] < rows["naive"]["flash_bytes_per_token"] / 2
+    assert rows["+cache"]["cache_hit_rate"] > 0.5
+    assert rows["dense"].get("flash_bytes_per_token") is None  # mlx-lm's load: nothing streamed
+    assert sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir()) == before
+
+
 def test_bench_on_a_synthetic_moe(tmp_path):
     """The MoE strategies on a tiny synthetic Qwen3-MoE: naive reads every routed expert each
     token, the cache and lookahead read less, the mmap baseline maps the records."""

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import platform
+from ..direct import streamable
 from ..errors import FlashError
+from ..format import is_flash_dir
 from .costmodel import CostModel
 from .mmap import _checkpoint_files
 from .report import _add_cost_model, _targets
@@ -102,12 +104,17 @@ def bench(
 
     say = progress or (lambda _: None)
     path = Path(model)
-    m = read_manifest(path)
     config = load_config(path)
-    names = parse_strategies(strategies, experts=bool(m.experts))
+    zero_copy = not is_flash_dir(path) and streamable(path)
+    if zero_copy:  # an mlx-lm MoE dir: its experts streamed from its own safetensors
+        m, budget = _direct_shape(path, memory, max_context)
+    else:
+        m = read_manifest(path)
+        budget = plan_budget(m, models.flash_spec(m.architecture).text(config), memory,
+                             max_context)
+    names = parse_strategies(strategies, experts=bool(m.experts), zero_copy=zero_copy)
     if tokens < 1:
         raise FlashError("--tokens must be >= 1")
-    budget = plan_budget(m, models.flash_spec(m.architecture).text(config), memory, max_context)
     synthetic = bool(config.get("synthetic")) or (path / SYNTHETIC_FILE).exists()
     if profile is None:
         profile = load_profile(path)
@@ -125,7 +132,7 @@ def bench(
     rows = []
     for name in names:
         reason = _unavailable(name, budget, has_predictors, ckpt, parent, limit,
-                              experts=bool(m.experts))
+                              experts=bool(m.experts), zero_copy=zero_copy)
         if reason:
             rows.append({"strategy": name, "status": "skipped", "reason": reason})
             say(f"{name}: skipped ({reason})")
@@ -135,7 +142,7 @@ def bench(
         spec = dict(strategy=name, model=str(path), memory=str(memory), tokens=tokens,
                     prompt=prompt, window=window, max_context=max_context,
                     checkpoint=str(ckpt) if ckpt else None, budget_bytes=budget.total,
-                    limit_slack=LIMIT_SLACK, **reader)
+                    limit_slack=LIMIT_SLACK, zero_copy=zero_copy, **reader)
         limited = name in FLASH or name == "mmap"
         with _memory_group(parent if limited else None, name) as group:
             spec["cgroup"] = str(group) if group else None
@@ -154,6 +161,8 @@ def bench(
         rows.append(row)
     return {
         "model": str(path),
+        # "mlx-lm": the dir's own safetensors streamed (zero-copy); "flash": a converted dir
+        "layout": "mlx-lm" if zero_copy else "flash",
         "synthetic": synthetic,
         "machine": probe_mod.machine(),
         # Other work on the machine slows compute and reads alike; say how busy it was.
@@ -171,8 +180,39 @@ def bench(
         "probe": {"path": profile.path, "created": profile.created, "direct": profile.direct,
                   "threads": probed_threads, "max_request_bytes": probed_request},
         "rows": rows,
+        # the rows whose greedy tokens differ from the first row's (exact strategies: none)
+        "tokens_differ": _tokens_differ(rows),
         "summary": _targets(rows),
     }
+
+
+def _tokens_differ(rows: list[dict]) -> list[str]:
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("token_ids") is not None]
+    return [r["strategy"] for r in ok[1:] if r["token_ids"] != ok[0]["token_ids"]]
+
+
+def _direct_shape(path: Path, memory, max_context: int):
+    """An mlx-lm MoE dir's figures as a manifest names a flash dir's (experts as the FFN's
+    rows, an expert's bytes as a record's; its largest weights file probed after each row),
+    and its budget."""
+    from types import SimpleNamespace
+
+    from mlx.utils import tree_flatten
+
+    from ..direct import plan, weight_files
+
+    p = plan(path, memory, max_context)
+    files = weight_files(path)
+    largest = max(files, key=lambda f: f.stat().st_size)
+    text = p.config.get("text_config") or p.config
+    dtype = str(tree_flatten(p.model.parameters())[0][1].dtype).removeprefix("mlx.core.")
+    m = SimpleNamespace(
+        experts=p.n_experts, architecture=text.get("model_type") or p.config["model_type"],
+        dtype="quantized" if p.config.get("quantization") else dtype,
+        d_model=text.get("hidden_size", 0), ffn_dim=p.n_experts, num_layers=len(p.switches),
+        record_bytes=p.expert_bytes, ffn_path=largest, ffn_bytes=largest.stat().st_size,
+        resident_path=None, source=None, files=files)
+    return m, p.budget
 
 
 def _probe_now(m, row: dict) -> float:

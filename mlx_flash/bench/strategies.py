@@ -10,6 +10,9 @@ STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "
 # An MoE's: every routed expert read per token, + the expert cache, + lookahead and the probed
 # reader (`all`), and the mmap baseline over the flash dir's own records
 MOE_STRATEGIES = ("dense", "naive", "+cache", "all", "mmap")
+# An mlx-lm MoE dir's (zero-copy: its experts read from its own safetensors): mlx-lm's own
+# dense load, every routed expert read per token, the expert cache
+ZERO_COPY_STRATEGIES = ("dense", "naive", "+cache")
 FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings from the profile
     "naive": dict(mode="naive"),
     # the exact set through the cache: an MoE's routed experts, a dense FFN's true active
@@ -26,12 +29,14 @@ FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings
 PREDICTED = ("predicted", "+window", "+bundling", "all", "+lookahead")
 
 
-def parse_strategies(spec: str | list[str] | None, experts: bool = False) -> list[str]:
+def parse_strategies(spec: str | list[str] | None, experts: bool = False,
+                     zero_copy: bool = False) -> list[str]:
     """Strategy names from a comma list (`window`, `bundling`, `cache`, `lookahead` may drop
-    the `+`);
-    default: all of them, or an MoE's (`experts`)."""
+    the `+`); default: all of them, an MoE's (`experts`), or an mlx-lm MoE dir's
+    (`zero_copy`)."""
     if spec is None:
-        return list(MOE_STRATEGIES if experts else STRATEGIES)
+        return list(ZERO_COPY_STRATEGIES if zero_copy else
+                    MOE_STRATEGIES if experts else STRATEGIES)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for item in (s.strip() for s in items if s.strip()):
@@ -42,10 +47,14 @@ def parse_strategies(spec: str | list[str] | None, experts: bool = False) -> lis
     return out
 
 
-def _unavailable(name, budget, has_predictors, ckpt, parent, limit, experts=False) -> str | None:
+def _unavailable(name, budget, has_predictors, ckpt, parent, limit, experts=False,
+                 zero_copy=False) -> str | None:
     dense = budget.resident + budget.dense_ffn
     if name == "dense" and dense > 0.75 * platform.physical_memory_bytes():
         return f"the dense model ({dense / 1e9:.1f} GB) does not fit in this machine's memory"
+    if zero_copy and name not in ZERO_COPY_STRATEGIES:
+        return ("a flash dir's strategy (`mlx-flash convert` the dir); an mlx-lm MoE dir runs "
+                + ", ".join(ZERO_COPY_STRATEGIES))
     if experts and name not in MOE_STRATEGIES + ("mmap-nolimit",):
         return "a dense-FFN strategy; an MoE runs " + ", ".join(MOE_STRATEGIES)
     if name in FLASH and budget.capacity < 1:

@@ -20,8 +20,11 @@ def _log(msg: str) -> None:
 
 
 def _decode(model, tokenizer, prompt: str, tokens: int, label: str,
-            after_prefill: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
-    """Greedy prefill + `tokens` decode steps through a KV cache; (prefill s, seconds per token)."""
+            after_prefill: Callable[[], None] = lambda: None,
+            out: list[int] | None = None) -> tuple[float, list[float]]:
+    """Greedy prefill + `tokens` decode steps through a KV cache; (prefill s, seconds per token).
+    `out` gains the greedy tokens."""
+    out = [] if out is None else out
     import mlx.core as mx
 
     from ..generation import new_cache, prefill_tokens
@@ -37,6 +40,7 @@ def _decode(model, tokenizer, prompt: str, tokens: int, label: str,
         mx.eval([c.state for c in cache])
     y = int(mx.argmax(model(mx.array([ids[-1:]]), cache=cache)[0, -1]))
     prefill = time.perf_counter() - t0
+    out.append(y)
     _log(f"{label}: prefill of {len(ids)} tokens {prefill:.1f} s")
     after_prefill()
     times = []
@@ -44,8 +48,95 @@ def _decode(model, tokenizer, prompt: str, tokens: int, label: str,
         t = time.perf_counter()
         y = int(mx.argmax(model(mx.array([[y]]), cache=cache)[0, -1]))
         times.append(time.perf_counter() - t)
+        out.append(y)
         _log(f"{label}: token {i + 1}/{tokens} {times[-1] * 1000:.0f} ms")
     return prefill, times
+
+
+def _base(spec: dict) -> int:
+    """The RSS before the model (after the libraries, tokenizer and model code: the caller's),
+    once MLX's first kernels ran; the memory group's limit set from it."""
+    from .. import runtime
+
+    runtime.warm_up_mlx()  # as runtime.load does before measuring its base
+    platform.limit_allocator_retention()
+    base_rss = platform.current_rss_bytes()
+    if spec.get("cgroup"):
+        from .driver import set_memory_limit
+
+        set_memory_limit(Path(spec["cgroup"]),
+                         base_rss + int(spec["budget_bytes"] * (1 + spec["limit_slack"])))
+    return base_rss
+
+
+def _zero_copy_worker(spec: dict) -> dict:
+    """One strategy on an mlx-lm MoE dir: mlx-lm's dense load, or its experts streamed from the
+    dir's safetensors (every routed expert per token, or through the expert cache)."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes
+
+    from .. import direct
+    from ..checkpoint import load_config
+    from ..loader import load_tokenizer
+
+    name, path = spec["strategy"], Path(spec["model"])
+    config = load_config(path)
+    tokenizer = load_tokenizer(path)
+    _get_classes(config)
+    base_rss = _base(spec)
+    files = direct.weight_files(path)
+    for f in files:
+        platform.evict_from_page_cache(f)
+    text = config.get("text_config") or config
+    routers = load_routing(path, direct.expert_count(config), direct._top_k(config),
+                           text["num_hidden_layers"])
+    t0 = time.perf_counter()
+    row = {"strategy": name, "status": "ok", "layout": "mlx-lm"}
+    model, tok = direct.load(path, memory=None if name == "dense" else spec["memory"],
+                             mode="dense" if name == "dense" else "auto",
+                             max_context=spec["max_context"], threads=spec["threads"],
+                             tokenizer=tokenizer, routers=routers, naive=name == "naive",
+                             stream=True)
+    rt, budget = model.flash.runtime, model.flash.budget
+    if rt is not None:
+        row.update(mode=rt.mode, threads=rt.reader.threads,
+                   max_request_bytes=rt.reader.max_request_bytes, direct_io=rt.reader.direct,
+                   capacity_fraction=round(model.flash.capacity / budget.ffn_dim, 4),
+                   budget_bytes=budget.total)
+    row["load_s"] = round(time.perf_counter() - t0, 2)
+    row["mlx_peak_load_bytes"] = mx.get_peak_memory()
+    mx.reset_peak_memory()
+    read, ids = {}, []
+    prefill, times = _decode(model, tok, spec["prompt"], spec["tokens"], name,
+                             lambda: read.setdefault("start", platform.process_read_bytes()), ids)
+    n = len(times)
+    token_ms = 1000 * sum(times) / n
+    row.update(tokens=n, prefill_ms=round(1000 * prefill, 1), token_ms=round(token_ms, 1),
+               tokens_per_s=round(1000 / token_ms, 3),
+               token_ms_each=[round(1000 * t, 1) for t in times])
+    io_ms = cache_ms = 0.0
+    wait_ms = None
+    if rt is not None:
+        st = rt.stats.per_token()
+        io_ms, cache_ms, wait_ms = (st["io_ms_per_token"], st["cache_ms_per_token"],
+                                    st["io_wait_ms_per_token"])
+        row.update(flash_bytes_per_token=st["flash_bytes_per_token"],
+                   read_requests_per_token=st["read_requests_per_token"],
+                   read_gb_per_s=st["read_gb_per_s"], cache_hit_rate=st["cache_hit_rate"],
+                   io_wait_ms=round(wait_ms, 1), lookahead_hit_rate=None, lookahead_recall=None,
+                   fresh_fraction=round(st["flash_bytes_per_token"] / (
+                       sum(layer.expert_bytes for layer in rt.layers) * budget.ffn_dim), 4))
+    waited = io_ms if wait_ms is None else wait_ms
+    row.update(io_ms=round(io_ms, 1), cache_ms=round(cache_ms, 1), predict_ms=0.0,
+               compute_ms=round(max(token_ms - waited - cache_ms, 0.0), 1))
+    read1 = platform.process_read_bytes()
+    if read.get("start") is not None and read1 is not None:
+        row["disk_bytes_per_token"] = round((read1 - read["start"]) / n)
+    peak = platform.peak_rss_bytes()
+    row.update(peak_rss_bytes=peak, base_rss_bytes=base_rss, model_rss_bytes=peak - base_rss,
+               mlx_peak_decode_bytes=mx.get_peak_memory(), mlx_cache_bytes=mx.get_cache_memory(),
+               token_ids=ids)
+    return row
 
 
 def _worker(spec: dict) -> dict:
@@ -61,18 +152,13 @@ def _worker(spec: dict) -> dict:
     from ..loader import load_dense, load_tokenizer
 
     name, path = spec["strategy"], Path(spec["model"])
+    if spec.get("zero_copy"):
+        return _zero_copy_worker(spec)
     m = fmt.read_manifest(path)
     ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
     tokenizer = load_tokenizer(path)  # the libraries' own memory: before the baseline
     models.architecture(load_config(path).get("model_type"))
-    runtime.warm_up_mlx()  # as runtime.load does before measuring its base
-    platform.limit_allocator_retention()
-    base_rss = platform.current_rss_bytes()
-    if spec.get("cgroup"):
-        from .driver import set_memory_limit
-
-        set_memory_limit(Path(spec["cgroup"]),
-                         base_rss + int(spec["budget_bytes"] * (1 + spec["limit_slack"])))
+    base_rss = _base(spec)
     for f in [m.ffn_path, m.resident_path, *path.glob("predictors*.safetensors"),
               *(_checkpoint_files(ckpt) if ckpt else [])]:
         platform.evict_from_page_cache(f)
@@ -117,7 +203,9 @@ def _worker(spec: dict) -> dict:
         if mapped is not None:
             mapped.seconds = 0.0
 
-    prefill, times = _decode(model, tok, spec["prompt"], spec["tokens"], name, after_prefill)
+    ids = []
+    prefill, times = _decode(model, tok, spec["prompt"], spec["tokens"], name, after_prefill, ids)
+    row["token_ids"] = ids
     read0, read1 = read["start"], platform.process_read_bytes()
     n = len(times)
     token_ms = 1000 * sum(times) / n
