@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from . import direct, hub, mlxlm, models, platform, quant
 from . import format as fmt
-from . import hub, models, platform, quant
 from .checkpoint import Checkpoint
 from .dtypes import FLOATS, to_storage
 from .errors import CheckpointError, FlashError
@@ -70,6 +70,8 @@ def convert(
     source keeps its bits and group size). `align` is the block size (default: the platform's
     direct-I/O block). `packed` records follow each other inside the blocks, else each starts on
     a block; default `choose_packed`. An existing output directory is replaced only with `force`.
+    An MoE of a family only mlx-lm has a model file for is written as mlx-lm's dir instead
+    (experts stacked, `quantize` 4 by default), which `load` streams as it is (direct.py).
     """
     if dtype is not None and dtype not in FLOATS:
         raise FlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(FLOATS)}")
@@ -87,6 +89,11 @@ def convert(
     _check_out(out, force)  # before any download
     ckpt = GGUFCheckpoint(source) if is_gguf(source) else _hf_checkpoint(source, out, progress)
     arch = ckpt.config.get("model_type")
+    if _mlx_lm_only(ckpt):  # an MoE family only mlx-lm has: its dir, streamed as it is
+        if out.exists():
+            shutil.rmtree(out)
+        return mlxlm.write_dir(ckpt.path, out, 4 if quantize is None else quantize, group_size,
+                               dtype)
     if arch in models.supported() and models.flash_spec(arch).experts:
         ckpt = ExpertView(ckpt, models.flash_spec(arch))  # experts stacked per record part
     plan = _plan(ckpt, dtype, quantize, group_size)
@@ -128,8 +135,17 @@ def _hf_checkpoint(source: str, out: Path, progress: bool) -> Checkpoint:
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise FlashError(f"{out}: already exists; pass --force to replace it")
-    if out.exists() and not fmt.is_flash_dir(out):
+    if out.exists() and not (fmt.is_flash_dir(out) or direct.streamable(out)):
         raise FlashError(f"{out}: exists and is not a flash model directory; refusing to replace it")
+
+
+def _mlx_lm_only(ckpt) -> bool:
+    """An MoE checkpoint of a family with no flash model file that mlx-lm builds (gpt-oss,
+    GLM-4.x, DeepSeek-V3, Qwen3-Next, Qwen3.5, MiniMax-M2...): convert writes it as mlx-lm's
+    dir, whose experts direct.py streams in place."""
+    config = ckpt.config
+    return (isinstance(ckpt, Checkpoint) and config.get("model_type") not in models.supported()
+            and direct.expert_count(config) is not None and mlxlm.knows(config))
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,7 @@ def _plan(ckpt: Checkpoint | GGUFCheckpoint, dtype: str | None, quantize: int | 
                          f"{', '.join(models.supported())}")
     spec = models.flash_spec(arch)
     text = spec.text(config)  # a multimodal checkpoint's text model
+    spec.check(text)
     dims = []
     for key in spec.dims:
         value = text.get(key)

@@ -3,34 +3,24 @@ no second copy on disk (`load`).
 
 mlx-lm builds the model (its model file, config.json's quantization, `sanitize`) with every
 weight lazy. Each `SwitchGLU` or `SwitchMLP` in it (the routed experts of an MoE block, in any
-family mlx-lm has a file for) is given a cache of `slots` experts in its own layout: its
-projections' (experts, out, in) weights, scales and biases become (slots, out, in) arrays, and
-`StreamedExperts` calls mlx-lm's module over them with each chosen expert mapped to its slot. The
+family mlx-lm has a file for) is replaced by a `streamed.StreamedExperts`: a cache of experts in
+the module's own layout, filled by reads of each expert's slices of the stacked tensors. The
 block's router, shared experts, dense layers and the weighting of the expert outputs stay
 mlx-lm's, and the arithmetic is mlx-lm's own. The other weights load from the same files.
-
-In mlx-lm's stacked tensors expert e's weight, scales and biases are each one contiguous slice
-(bytes e*S .. (e+1)*S of the tensor): a cache miss reads those slices (`storage.SpanReader`:
-widened to the direct-I/O blocks around them, copied out). The least recently used experts
-leave first. A prompt (many tokens) is computed expert-major: the experts any of its tokens
-chose pass through the cache a cache-full at a time, each group's tokens multiplied together.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from . import platform
+from . import mlxlm, platform
 from .checkpoint import load_config
-from .dtypes import to_float32
 from .errors import CheckpointError, FlashError
 from .memory import (
     ACTIVATION_SHARE,
@@ -44,8 +34,9 @@ from .memory import (
     parse_memory,
 )
 from .safetensors import read_header
-from .state import FlashState, FlashStats
-from .storage import ReadStats, SpanReader
+from .state import FlashState
+from .storage import SpanReader
+from .streamed import DirectRuntime, ExpertLookahead, StreamedExperts, _owner, guesser
 
 # config keys of the routed experts' count and of the experts a token picks, by family
 EXPERT_COUNT = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -106,183 +97,6 @@ def streamable(path: str | Path) -> bool:
         return False
 
 
-class DirectRuntime:
-    """What the `StreamedExperts` of one model share: the reader and the counters."""
-
-    def __init__(self, reader: SpanReader, top_k: int, naive: bool = False):
-        self.mode = "naive" if naive else "routed"
-        self.naive = naive  # benchmarks: every routed expert read at every step
-        self.window = 1
-        self.reader = reader
-        self.top_k = top_k
-        self.stats = FlashStats()
-        self.layers: list[StreamedExperts] = []
-        self.lookahead = None
-        self.reader_profile = "defaults (no probe profile for this volume)"
-
-    def close(self) -> None:
-        self.reader.close()
-
-
-class _Slice:
-    """One stacked tensor of a layer's experts: where expert e's bytes lie, and the cache's
-    (slots, ...) copy of it (numpy bytes view, and the MLX array the module multiplies).
-
-    `widen`: 16-bit values held as float32 (quantized experts' scales and biases on MLX's CPU
-    backend, whose `gather_qmm` is ~35x faster in float32, moe.py); read into `stage` first."""
-
-    def __init__(self, where: tuple[int, int, int, tuple[int, ...]], like: mx.array, slots: int,
-                 widen: bool, stage_rows: int):
-        self.file, self.offset, nbytes, shape = where
-        self.bytes = nbytes // shape[0]
-        self.widen = widen and like.dtype in (mx.float16, mx.bfloat16)
-        self.dtype = "float16" if like.dtype == mx.float16 else "bfloat16"
-        held = self.bytes * (2 if self.widen else 1)
-        raw = mx.zeros((slots, held), dtype=mx.uint8)
-        mx.eval(raw)
-        self.view = np.array(raw, copy=False)  # (slots, bytes): reads land here
-        self.stage = np.empty((stage_rows, self.bytes), np.uint8) if self.widen else None
-        target = mx.float32 if self.widen else like.dtype
-        self.array = raw.view(target).reshape(slots, *shape[1:])
-        mx.eval(self.array)
-
-    def target(self, slot: int, j: int) -> np.ndarray:
-        """Where the read of the j-th expert of a batch going to `slot` lands."""
-        return self.stage[j] if self.widen else self.view[slot]
-
-    def settle(self, slots: np.ndarray) -> None:
-        """Widen the staged experts of a batch into their slots."""
-        if self.widen:
-            for j, slot in enumerate(slots.tolist()):
-                self.view[slot] = to_float32(self.stage[j].view("<u2"), self.dtype).view(np.uint8)
-
-
-class _Cache:
-    """Which expert each slot holds and when each was last used (the LRU's bookkeeping)."""
-
-    def __init__(self, experts: int, slots: int):
-        self.slot_of = np.full(experts, -1, dtype=np.int64)
-        self.expert_at = np.full(slots, -1, dtype=np.int64)
-        self.last = np.full(slots, -1, dtype=np.int64)
-
-
-class StreamedExperts(nn.Module):
-    """mlx-lm's `SwitchGLU`/`SwitchMLP` of one MoE layer over a cache of its experts;
-    `__call__(x, indices)` as the module's own."""
-
-    def __init__(self, inner: nn.Module, position: int, slots: int, where: dict,
-                 rt: DirectRuntime):
-        super().__init__()
-        self.inner = inner
-        self._rt, self._position, self.slots = rt, position, slots
-        self._step = 0
-        params = tree_flatten(inner.parameters())
-        self.experts = params[0][1].shape[0]
-        quantized = any(name.endswith(".scales") for name, _ in params)
-        self.widened = quantized and mx.default_device() == mx.cpu
-        self._slices = []
-        for name, array in params:  # "gate_proj.weight" -> the cache's (slots, ...) array
-            widen = self.widened and name.endswith((".scales", ".biases"))
-            s = _Slice(where[name], array, slots, widen, rt.top_k)
-            owner, attr = _owner(inner, name)
-            setattr(owner, attr, s.array)
-            self._slices.append(s)
-        self.expert_bytes = sum(s.bytes for s in self._slices)
-        self._lru = _Cache(self.experts, slots)
-
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        mx.eval(x, indices)  # the router's choice decides the reads
-        k = indices.shape[-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        chosen = np.array(indices).reshape(-1, k).astype(np.int64)
-        if len(x2) > 1:
-            return self._expert_major(x2, chosen).reshape(*indices.shape, x.shape[-1])
-        t0 = time.perf_counter()
-        hits, misses, evicted, io = self._ensure(np.unique(chosen[0]))
-        slots = mx.array(self._lru.slot_of[chosen].astype(np.uint32)).reshape(indices.shape)
-        y = self._inner(x, slots)
-        self._count_decode(io, time.perf_counter() - t0 - io.seconds, hits, misses, evicted)
-        return y
-
-    def _inner(self, x: mx.array, slots: mx.array) -> mx.array:
-        if not self.widened:
-            return self.inner(x, slots)
-        return self.inner(x.astype(mx.float32), slots).astype(x.dtype)
-
-    def _ensure(self, experts: np.ndarray) -> tuple[int, int, int, ReadStats]:
-        """Make the `experts` (unique, at most `slots`) cached, used at this step: read the
-        missing ones into free slots or the least recently used ones'."""
-        c, step = self._lru, self._step
-        self._step += 1
-        if self._rt.naive:  # nothing kept from the last step
-            c.slot_of[:], c.expert_at[:], c.last[:] = -1, -1, -1
-        have = c.slot_of[experts] >= 0
-        c.last[c.slot_of[experts[have]]] = step
-        miss = experts[~have]
-        free = np.flatnonzero(c.expert_at < 0)
-        evicted = 0
-        if len(miss) > len(free):
-            old = np.flatnonzero((c.expert_at >= 0) & (c.last < step))
-            out = old[np.argsort(c.last[old], kind="stable")[: len(miss) - len(free)]]
-            c.slot_of[c.expert_at[out]] = -1
-            c.expert_at[out] = -1
-            free, evicted = np.concatenate([free, out]), len(out)
-        rt = self._rt
-        before = rt.reader.snapshot()
-        targets = free[: len(miss)]
-        for a in range(0, len(miss), rt.top_k):  # a token's worth at a time: small scratch
-            batch, into = miss[a : a + rt.top_k], targets[a : a + rt.top_k]
-            rt.reader.read([(s.file, s.offset + int(e) * s.bytes, s.target(int(t), j))
-                            for j, (e, t) in enumerate(zip(batch, into, strict=True))
-                            for s in self._slices])
-            for s in self._slices:
-                s.settle(into)
-        c.slot_of[miss], c.expert_at[targets], c.last[targets] = targets, miss, step
-        return int(have.sum()), len(miss), evicted, rt.reader.delta(before)
-
-    def _expert_major(self, x: mx.array, chosen: np.ndarray) -> mx.array:
-        """Every expert any row chose, a cache-full at a time (the cached ones first), each
-        group's (token, expert) pairs multiplied together: (tokens * k, d)."""
-        rt = self._rt
-        n_tok, k = chosen.shape
-        flat = chosen.reshape(-1)  # pair p = (token p // k, slot p % k)
-        needed = np.unique(flat)
-        needed = needed[np.argsort(self._lru.slot_of[needed] < 0, kind="stable")]
-        y = mx.zeros((n_tok * k, x.shape[-1]), dtype=x.dtype)
-        before = rt.reader.snapshot()
-        for start in range(0, len(needed), self.slots):
-            group = needed[start : start + self.slots]
-            self._ensure(np.sort(group))
-            pairs = np.flatnonzero(np.isin(flat, group))
-            slots = mx.array(self._lru.slot_of[flat[pairs]].astype(np.uint32))[:, None]
-            out = self._inner(x[mx.array(pairs // k)], slots)  # (pairs, 1, d)
-            y[mx.array(pairs)] = out[:, 0]
-            mx.eval(y)  # the next group may take these slots
-        s = rt.stats
-        s.prefill_io = s.prefill_io + rt.reader.delta(before)
-        if self._position == 0:
-            s.prefill_tokens += n_tok
-            s.last_token_start = None  # a new prompt: the gap is not a token
-        return y
-
-    def _count_decode(self, io: ReadStats, cache_s: float, hits: int, misses: int,
-                      evicted: int) -> None:
-        s = self._rt.stats
-        s.io = s.io + io
-        s.io_wait_s += io.seconds
-        s.cache_s += max(cache_s, 0.0)
-        s.hits += hits
-        s.misses += misses
-        s.evictions += evicted
-        if self._position == 0:  # the first MoE layer of token t+1 starts after token t
-            now = time.perf_counter()
-            if s.last_token_start is not None:
-                s.timed_tokens += 1
-                s.token_s += now - s.last_token_start
-            s.last_token_start = now
-            s.tokens += 1
-
-
 def _expert_bytes(switch: nn.Module) -> tuple[int, int, int]:
     """(bytes of one expert on disk, in the cache, and of its widened slices' staging)."""
     params = tree_flatten(switch.parameters())
@@ -297,13 +111,6 @@ def _expert_bytes(switch: nn.Module) -> tuple[int, int, int]:
         held += 2 * one if widen else one
         staged += one if widen else 0
     return disk, held, staged
-
-
-def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
-    *path, attr = dotted.split(".")
-    for p in path:
-        module = module[int(p)] if p.isdigit() else getattr(module, p)
-    return module, attr
 
 
 def _switches(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -360,15 +167,16 @@ def kv_bytes(model: nn.Module, config: dict, max_context: int, itemsize: int) ->
     return total
 
 
-def plan(path: str | Path, memory=None, max_context: int | None = None) -> SimpleNamespace:
+def plan(path: str | Path, memory=None, max_context: int | None = None,
+         lookahead: bool = True) -> SimpleNamespace:
     """The model of the mlx-lm MoE dir `path` built lazily (nothing read but headers) and its
-    budget: a namespace of model, config, switches (name, module), where (tensors), top_k,
-    expert_bytes, max_context and budget."""
+    budget (with the lookahead's buffer where `lookahead`): a namespace of model, config,
+    switches (name, module), where (tensors), top_k, expert_bytes, max_context and budget."""
     from mlx_lm.utils import load_model
 
     path = Path(path)
     try:
-        model, config = load_model(path, lazy=True)
+        model, config = load_model(path, lazy=True, get_model_classes=mlxlm.classes)
     except ValueError as e:
         raise FlashError(f"{path}: {e}") from None
     text = config.get("text_config") or config
@@ -404,9 +212,10 @@ def plan(path: str | Path, memory=None, max_context: int | None = None) -> Simpl
         total=parse_memory(memory, resident + experts_on_disk), model=resident + experts_on_disk,
         resident=resident, kv_cache=kv_bytes(model, config, max_context, itemsize),
         # the reader's scratch (a token's experts, each slice widened by up to two blocks),
-        # the widened slices' staging, the caches' slot of every expert
+        # the widened slices' staging, the caches' slot of every expert, the lookahead's
+        # buffer of a token's experts
         buffers=(top_k * (expert_bytes + 2 * 4096 * 9) + stage_bytes
-                 + len(switches) * n_experts * 8),
+                 + len(switches) * n_experts * 8 + (top_k * expert_bytes if lookahead else 0)),
         dense_ffn=experts_on_disk, neuron_bytes=held_bytes + NEURON_BOOKKEEPING,
         num_layers=len(switches), ffn_dim=n_experts, max_context=max_context)
     budget.allocator_cache = min(ALLOCATOR_CACHE_BYTES, budget.total // ALLOCATOR_CACHE_SHARE)
@@ -423,7 +232,8 @@ def plan(path: str | Path, memory=None, max_context: int | None = None) -> Simpl
 
 def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | None = None,
          threads: int | None = None, tokenizer=None, capacity: int | None = None,
-         routers: list | None = None, naive: bool = False, stream: bool = False, **ignored):
+         routers: list | None = None, naive: bool = False, stream: bool = False,
+         lookahead: bool | None = None, **ignored):
     """Load an mlx-lm MoE dir as (model, tokenizer) within a memory budget, its routed experts
     streamed from its own files (nothing written), or densely where the whole model fits.
 
@@ -433,10 +243,9 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
     `routers` (per MoE layer, x -> logits: bench/routing.py's planted routing) replace the
     blocks' routers (an `nn.Linear` each); `naive` reads every routed expert at every step (a
     token's experts only held); `stream` streams the experts even where the whole model fits.
-    The model gains
+    `lookahead` (default on): read the experts each MoE layer is guessed to pick (its router on
+    the layer before's input) while that layer computes (streamed.py). The model gains
     `model.flash` (mode `routed`, the budget and the per-token figures)."""
-    from mlx_lm.utils import _get_classes
-
     from .loader import load_tokenizer
     from .profiles import profile_used, reader_settings
     from .runtime import check_memory_limit, warm_up_mlx
@@ -449,12 +258,13 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
     platform.limit_allocator_retention()
     tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
     try:
-        _get_classes(config)  # the model file's code is not the model's memory
+        mlxlm.classes(config)  # the model file's code is not the model's memory
     except ValueError as e:
         raise FlashError(f"{path}: {e}") from None
     warm_up_mlx()
     base_rss = platform.current_rss_bytes()
-    p = plan(path, memory, max_context)
+    lookahead = not naive if lookahead is None else lookahead and not naive
+    p = plan(path, memory, max_context, lookahead)
     model, config, switches, where, top_k = p.model, p.config, p.switches, p.where, p.top_k
     budget, max_context, expert_bytes, n_experts = p.budget, p.max_context, p.expert_bytes, \
         p.n_experts
@@ -483,6 +293,12 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
         owner, attr = _owner(model, name)
         setattr(owner, attr, layer)
         rt.layers.append(layer)
+    if lookahead:
+        rt.lookahead = ExpertLookahead(rt, expert_bytes)
+        for (name, _), before, layer in zip(switches[1:], rt.layers, rt.layers[1:]):
+            guess = guesser(_owner(model, name)[0], top_k)
+            if guess is not None:
+                before.link(layer, guess)
     mx.eval(model.parameters())  # the resident weights, read once
     for file in files:  # and not also held as cached file pages (a memory limit counts them)
         platform.evict_from_page_cache(file)

@@ -361,7 +361,8 @@ def test_planted_routing_reuses_experts_and_guesses_as_planned():
 def test_bench_on_an_mlx_lm_moe_dir(tmp_path):
     """The same tiny synthetic Qwen3-MoE in mlx-lm's layout (stacked switch_mlp tensors): bench
     streams its experts from the dir's own safetensors (zero-copy), mlx-lm's dense load gives
-    the same greedy tokens, the cache reads less than naive, and nothing is written to the dir."""
+    the same greedy tokens, the cache reads less than naive, the lookahead guesses, and nothing
+    is written to the dir."""
     from mlx_flash import direct
     from tools.synthetic_moe import write_synthetic_moe_mlx_lm
 
@@ -375,8 +376,7 @@ def test_bench_on_an_mlx_lm_moe_dir(tmp_path):
                          profile=_profile(path))
     assert result["layout"] == "mlx-lm" and result["num_layers"] == 2
     rows = {r["strategy"]: r for r in result["rows"]}
-    assert rows["all"]["status"] == "skipped" and "flash dir" in rows["all"]["reason"]
-    for name in ("dense", "naive", "+cache"):
+    for name in ("dense", "naive", "+cache", "all"):
         assert rows[name]["status"] == "ok", rows[name]
     assert len(rows["dense"]["token_ids"]) == 13 and result["tokens_differ"] == []
     expert = result["record_bytes"]  # one expert's bytes in the dir
@@ -386,6 +386,12 @@ def test_bench_on_an_mlx_lm_moe_dir(tmp_path):
     assert rows["naive"]["cache_hit_rate"] == 0
     assert rows["+cache"]["flash_bytes_per_token"] < rows["naive"]["flash_bytes_per_token"] / 2
     assert rows["+cache"]["cache_hit_rate"] > 0.5
+    # the lookahead: the planted guesses (70% right) read early, the same experts in the end
+    assert rows["+cache"]["lookahead_hit_rate"] is None
+    assert 0.3 < rows["all"]["lookahead_hit_rate"] <= 1
+    # its buffer of a token's experts comes out of the budget: a cache no larger
+    assert rows["all"]["capacity_fraction"] <= rows["+cache"]["capacity_fraction"]
+    assert rows["all"]["cache_hit_rate"] > 0.5
     assert rows["dense"].get("flash_bytes_per_token") is None  # mlx-lm's load: nothing streamed
     assert sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir()) == before
 

@@ -144,12 +144,31 @@ def test_streamed_from_the_mlx_lm_dir_matches_transformers(case):
     stats = model.flash.stats()
     assert stats["flash_bytes_per_token"] > 0 and stats["prefill_flash_bytes"] > 0
     assert stats["evictions_per_token"] > 0
+    assert stats["lookahead_hit_rate"] is not None  # each layer guessed the next one's experts
     assert _snapshot(path) == before  # nothing written beside the model
+
+
+def test_the_lookahead_changes_no_logit(built):
+    """Layer l reads what layer l+1's router would pick on its input ahead of time; a guess
+    only moves a read, so the logits are those without it, and what was read early counts."""
+    path, ids = built("qwen3_next")[:2]
+    runs = {}
+    for ahead in (False, True):
+        model, _ = direct.load(path, memory="1GB", capacity=TOP_K, lookahead=ahead)
+        runs[ahead] = (*_greedy(model, ids), model.flash.stats())
+        assert (model.flash.runtime.lookahead is not None) == ahead
+    (off, off_tokens, off_stats), (on, on_tokens, on_stats) = runs[False], runs[True]
+    assert np.array_equal(off, on) and off_tokens == on_tokens
+    assert off_stats["lookahead_hit_rate"] is None and on_stats["lookahead_hit_rate"] > 0
+    # the same experts come in either way: the bytes differ by the wrong guesses only
+    assert on_stats["flash_bytes_per_token"] >= off_stats["flash_bytes_per_token"]
 
 
 @pytest.mark.parametrize("model_type,quantize", [
     ("qwen3_next", dict(quantize=True, q_bits=4, q_group_size=64)),
     ("gpt_oss", dict(quantize=True, q_mode="mxfp4", q_bits=4, q_group_size=32)),
+    # mixed precision: per-layer bits in config.json (the experts of some layers at 6 bits)
+    ("deepseek_v3", dict(quantize=True, quant_predicate="mixed_3_6", q_group_size=32)),
 ])
 def test_mlx_lm_quantized_dirs_give_mlx_lm_tokens(model_type, quantize, tmp_path):
     from mlx_lm import load as mlx_load
@@ -190,3 +209,25 @@ def test_too_small_a_budget_and_other_modes_are_one_line(built):
         direct.load(path, memory="40KB")
     with pytest.raises(FlashError, match="needs a flash dir"):
         api.load(path, memory="1GB", mode="oracle")
+
+
+def test_a_text_only_checkpoint_converts_to_a_streamed_mlx_lm_dir(tmp_path):
+    """`qwen3_5_moe_text`, what transformers' `Qwen3_5MoeForCausalLM` saves (per-expert tensors;
+    mlx-lm has no file of that name): `convert` writes it as mlx-lm's dir with mlx-lm's
+    qwen3_5_moe file (experts stacked), which streams as it is, within 1e-3 of PyTorch."""
+    from mlx_flash.convert import convert
+
+    ref = _checkpoint("qwen3_5_moe_text", dict(HYBRID), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == (
+        "qwen3_5_moe_text")
+    ids = np.random.default_rng(2).integers(4, VOCAB, PROMPT).tolist()
+    ref_logits, ref_tokens = _reference_greedy(ref, ids)
+    out = convert(str(tmp_path / "hf"), out=tmp_path / "mlx", quantize=0, progress=False)
+    assert direct.streamable(out) and (out / "tokenizer.json").is_file()
+    assert not (tmp_path / "mlx.partial").exists()
+    model, _ = direct.load(out, memory="1GB", capacity=TOP_K)
+    logits, tokens = _greedy(model, ids)
+    assert np.abs(logits - ref_logits).max() <= TOL and tokens == ref_tokens
+    assert model.flash.stats()["flash_bytes_per_token"] > 0
+    with pytest.raises(FlashError, match="already exists"):
+        convert(str(tmp_path / "hf"), out=out, progress=False)

@@ -11,8 +11,8 @@ STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "
 # reader (`all`), and the mmap baseline over the flash dir's own records
 MOE_STRATEGIES = ("dense", "naive", "+cache", "all", "mmap")
 # An mlx-lm MoE dir's (zero-copy: its experts read from its own safetensors): mlx-lm's own
-# dense load, every routed expert read per token, the expert cache
-ZERO_COPY_STRATEGIES = ("dense", "naive", "+cache")
+# dense load, every routed expert read per token, the expert cache, + the lookahead (`all`)
+ZERO_COPY_STRATEGIES = ("dense", "naive", "+cache", "all")
 FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings from the profile
     "naive": dict(mode="naive"),
     # the exact set through the cache: an MoE's routed experts, a dense FFN's true active

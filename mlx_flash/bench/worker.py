@@ -71,18 +71,18 @@ def _base(spec: dict) -> int:
 
 def _zero_copy_worker(spec: dict) -> dict:
     """One strategy on an mlx-lm MoE dir: mlx-lm's dense load, or its experts streamed from the
-    dir's safetensors (every routed expert per token, or through the expert cache)."""
+    dir's safetensors (every routed expert per token, through the expert cache, and with the
+    lookahead: `all`)."""
     import mlx.core as mx
-    from mlx_lm.utils import _get_classes
 
-    from .. import direct
+    from .. import direct, mlxlm
     from ..checkpoint import load_config
     from ..loader import load_tokenizer
 
     name, path = spec["strategy"], Path(spec["model"])
     config = load_config(path)
     tokenizer = load_tokenizer(path)
-    _get_classes(config)
+    mlxlm.classes(config)
     base_rss = _base(spec)
     files = direct.weight_files(path)
     for f in files:
@@ -96,7 +96,7 @@ def _zero_copy_worker(spec: dict) -> dict:
                              mode="dense" if name == "dense" else "auto",
                              max_context=spec["max_context"], threads=spec["threads"],
                              tokenizer=tokenizer, routers=routers, naive=name == "naive",
-                             stream=True)
+                             stream=True, lookahead=name == "all")
     rt, budget = model.flash.runtime, model.flash.budget
     if rt is not None:
         row.update(mode=rt.mode, threads=rt.reader.threads,
@@ -114,21 +114,23 @@ def _zero_copy_worker(spec: dict) -> dict:
     row.update(tokens=n, prefill_ms=round(1000 * prefill, 1), token_ms=round(token_ms, 1),
                tokens_per_s=round(1000 / token_ms, 3),
                token_ms_each=[round(1000 * t, 1) for t in times])
-    io_ms = cache_ms = 0.0
+    io_ms = cache_ms = predict_ms = 0.0
     wait_ms = None
     if rt is not None:
         st = rt.stats.per_token()
         io_ms, cache_ms, wait_ms = (st["io_ms_per_token"], st["cache_ms_per_token"],
                                     st["io_wait_ms_per_token"])
+        predict_ms = st["predict_ms_per_token"]
         row.update(flash_bytes_per_token=st["flash_bytes_per_token"],
                    read_requests_per_token=st["read_requests_per_token"],
                    read_gb_per_s=st["read_gb_per_s"], cache_hit_rate=st["cache_hit_rate"],
-                   io_wait_ms=round(wait_ms, 1), lookahead_hit_rate=None, lookahead_recall=None,
-                   fresh_fraction=round(st["flash_bytes_per_token"] / (
+                   io_wait_ms=round(wait_ms, 1), lookahead_hit_rate=st["lookahead_hit_rate"],
+                   lookahead_recall=None, fresh_fraction=round(st["flash_bytes_per_token"] / (
                        sum(layer.expert_bytes for layer in rt.layers) * budget.ffn_dim), 4))
     waited = io_ms if wait_ms is None else wait_ms
-    row.update(io_ms=round(io_ms, 1), cache_ms=round(cache_ms, 1), predict_ms=0.0,
-               compute_ms=round(max(token_ms - waited - cache_ms, 0.0), 1))
+    row.update(io_ms=round(io_ms, 1), cache_ms=round(cache_ms, 1),
+               predict_ms=round(predict_ms, 1),
+               compute_ms=round(max(token_ms - waited - cache_ms - predict_ms, 0.0), 1))
     read1 = platform.process_read_bytes()
     if read.get("start") is not None and read1 is not None:
         row["disk_bytes_per_token"] = round((read1 - read["start"]) / n)

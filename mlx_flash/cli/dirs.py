@@ -40,7 +40,12 @@ def convert(
         raise FlashError(f"--layout {layout}: choose auto, packed or aligned")
     path = run(source, out=out, dtype=dtype, align=align, force=force, progress=not as_json,
                quantize=bits[quantize], group_size=group_size, packed=layouts[layout])
-    if as_json:
+    if not fmt.is_flash_dir(path):  # an MoE only mlx-lm knows: its dir, streamed as it is
+        if as_json:
+            typer.echo(json.dumps({"path": str(path), "layout": "mlx-lm"}))
+        else:
+            typer.echo(f"wrote {path} (mlx-lm's layout: its experts stream from it as it is)")
+    elif as_json:
         typer.echo(json.dumps(fmt.info(path)))
     else:
         typer.echo(f"wrote {path}")
