@@ -231,3 +231,16 @@ def test_a_text_only_checkpoint_converts_to_a_streamed_mlx_lm_dir(tmp_path):
     assert model.flash.stats()["flash_bytes_per_token"] > 0
     with pytest.raises(FlashError, match="already exists"):
         convert(str(tmp_path / "hf"), out=out, progress=False)
+
+
+def test_a_hub_repo_of_an_mlx_lm_moe_streams_from_its_snapshot(built, monkeypatch, tmp_path):
+    """`--model owner/name` of an mlx-lm MoE repo: the snapshot is used as it is (no
+    `models/<name>-flash` copy); the download itself is huggingface_hub's (stood in for)."""
+    from mlx_flash import hub
+    from mlx_flash.cli.options import model_path
+
+    snapshot = built("glm4_moe")[0]
+    monkeypatch.setattr(hub, "_download", lambda repo_id, progress: snapshot)
+    monkeypatch.chdir(tmp_path)
+    assert model_path("mlx-community/glm-fake-4bit", progress=False) == snapshot
+    assert not (tmp_path / "models").exists()

@@ -144,7 +144,8 @@ def say(line: str) -> None:
 
 def model_path(model: str | None, progress: bool = True) -> Path:
     """The model dir for `--model`: the default model, a local dir, or a GGUF file or Hub repo
-    id converted once into `models/<name>-flash` (reused when it is there)."""
+    id converted once into `models/<name>-flash` (reused when it is there); a Hub repo of an
+    mlx-lm MoE dir is its snapshot, streamed as it is (direct.py)."""
     from ..generation import default_model
     from ..gguf import is_gguf
 
@@ -159,9 +160,16 @@ def model_path(model: str | None, progress: bool = True) -> Path:
     if not is_gguf(path) and not hub.is_repo_id(model):
         raise FlashError(f"{model}: no such directory (and not a Hub repo id like owner/name)")
     out = default_out(model)
-    if not (out / "manifest.json").is_file():
-        say(f"converting {model} into {out} (once)")
-        convert(model, out=out, progress=progress)
+    if (out / "manifest.json").is_file():
+        return out
+    if not is_gguf(path):
+        from ..direct import streamable
+
+        local = hub.resolve(model, progress=progress)
+        if streamable(local):  # an mlx-lm MoE dir: its experts read from the snapshot
+            return local
+    say(f"converting {model} into {out} (once)")
+    convert(model, out=out, progress=progress)
     return out
 
 
