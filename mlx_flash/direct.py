@@ -31,6 +31,7 @@ from .memory import (
     PREFILL_TOKENS,
     Budget,
     activation_bytes,
+    kv_bytes,
     parse_memory,
 )
 from .safetensors import read_header
@@ -136,35 +137,6 @@ def _plant(model: nn.Module, switches: list, routers: list, path: Path) -> None:
         if attr is None:
             raise FlashError(f"{path}: the MoE block of {name} has no linear router to plant")
         setattr(block, attr, router)
-
-
-def kv_bytes(model: nn.Module, config: dict, max_context: int, itemsize: int) -> int:
-    """What mlx-lm's cache of `model` holds for `max_context` tokens: each attention layer's keys
-    and values (a sliding layer's at most its window), and each linear-attention layer's
-    recurrent and convolution state (fixed, whatever the context)."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-
-    c = config.get("text_config") or config
-    heads = c.get("num_attention_heads", 1)
-    if c.get("kv_lora_rank"):  # MLA: mlx-lm caches the expanded keys and values per head
-        per_token = heads * (c.get("qk_nope_head_dim", 0) + c.get("qk_rope_head_dim", 0)
-                             + c.get("v_head_dim", 0)) * itemsize
-    else:
-        head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        per_token = 2 * (c.get("num_key_value_heads") or heads) * head_dim * itemsize
-    hv, dv = c.get("linear_num_value_heads", 0), c.get("linear_value_head_dim", 0)
-    hk, dk = c.get("linear_num_key_heads", 0), c.get("linear_key_head_dim", 0)
-    conv = max(c.get("linear_conv_kernel_dim", 4) - 1, 0)
-    state = 4 * hv * dv * dk + itemsize * conv * (2 * hk * dk + hv * dv)
-    total = 0
-    for cache in make_prompt_cache(model):
-        if isinstance(cache, RotatingKVCache):
-            total += per_token * min(cache.max_size, max_context)
-        elif isinstance(cache, KVCache):
-            total += per_token * max_context
-        else:
-            total += state
-    return total
 
 
 def plan(path: str | Path, memory=None, max_context: int | None = None,

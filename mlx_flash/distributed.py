@@ -179,6 +179,16 @@ class Stage:
     layers: range
     resident_bytes: int
 
+    def check(self, model: nn.Module) -> None:
+        """FlashError unless every layer of `model` keeps a KV cache: the ring passes each
+        layer's mask and KV offset, not a linear-attention layer's recurrent state."""
+        from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+        if not all(isinstance(c, (KVCache, RotatingKVCache)) for c in make_prompt_cache(model)):
+            raise FlashError("mlx.launch pipelines models whose every layer has a KV cache; this "
+                             "one's linear-attention layers keep a recurrent state: run it in "
+                             "one process")
+
     def cut(self, model: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Put `Elsewhere` in place of the other ranks' layers and return the weights this rank
         keeps; ranks > 0 keep no embeddings, final norm or head (empty arrays stand in)."""

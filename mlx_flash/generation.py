@@ -230,7 +230,8 @@ def stream_generate(
         kwargs["prompt_cache"] = new_cache(model)
     if kwargs.get("prefill_step_size") is None and (step := prefill_tokens(model)):
         kwargs["prefill_step_size"] = step  # what the budget holds the transients of
-    cached = kwargs["prompt_cache"][0].offset if kwargs["prompt_cache"] else 0
+    # the tokens the cache holds: an attention layer's offset (a linear one's state has none)
+    cached = next((c.offset for c in kwargs["prompt_cache"] if hasattr(c, "offset")), 0)
     max_tokens = fit_context(model, len(prompt), max_tokens, cached)
     pending = _Pending()
     progress = kwargs.get("prompt_progress_callback")

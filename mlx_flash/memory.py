@@ -108,14 +108,46 @@ def activation_bytes(m: Manifest, config: dict, tokens: int, max_context: int,
         per_token += top_k * (d + 2 * m.expert_ffn)
     else:
         per_token += 3 * stream_rows(m)
-    return 4 * (tokens * per_token + 3 * config.get("vocab_size", 0))
+    # a linear-attention layer (Gated DeltaNet; counted from its shapes, not measured): its
+    # q/k/v convolution and its value-sized products per token, its recurrent state twice
+    hv, dv = config.get("linear_num_value_heads", 0), config.get("linear_value_head_dim", 0)
+    hk, dk = config.get("linear_num_key_heads", 0), config.get("linear_key_head_dim", 0)
+    per_token += 3 * (2 * hk * dk + hv * dv) + 3 * hv * dv
+    return 4 * (tokens * per_token + 3 * config.get("vocab_size", 0) + 2 * hv * dk * dv)
 
 
-def _kv_bytes(config: dict, manifest: Manifest, max_context: int, layers: int) -> int:
-    heads = config.get("num_attention_heads", 1)
-    head_dim = config.get("head_dim") or manifest.d_model // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * layers * max_context * kv_heads * head_dim * manifest.itemsize
+def kv_bytes(model, config: dict, max_context: int, itemsize: int,
+             layers: range | None = None) -> int:
+    """What mlx-lm's cache of `model` (`make_cache`) holds for `max_context` tokens, in `layers`
+    (default all): each attention layer's keys and values (a sliding layer's at most its window
+    and a prefill step: mlx-lm's RotatingKVCache keeps a step's tokens beside the window), and
+    each linear-attention layer's recurrent and convolution state (fixed, whatever the
+    context)."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+    c = config.get("text_config") or config
+    heads = c.get("num_attention_heads", 1)
+    if c.get("kv_lora_rank"):  # MLA: mlx-lm caches the expanded keys and values per head
+        per_token = heads * (c.get("qk_nope_head_dim", 0) + c.get("qk_rope_head_dim", 0)
+                             + c.get("v_head_dim", 0)) * itemsize
+    else:
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        per_token = 2 * (c.get("num_key_value_heads") or heads) * head_dim * itemsize
+    hv, dv = c.get("linear_num_value_heads", 0), c.get("linear_value_head_dim", 0)
+    hk, dk = c.get("linear_num_key_heads", 0), c.get("linear_key_head_dim", 0)
+    conv = max(c.get("linear_conv_kernel_dim", 4) - 1, 0)
+    state = 4 * hv * dv * dk + itemsize * conv * (2 * hk * dk + hv * dv)
+    total = 0
+    for i, cache in enumerate(make_prompt_cache(model)):
+        if layers is not None and i not in layers:
+            continue
+        if isinstance(cache, RotatingKVCache):
+            total += per_token * min(cache.max_size + PREFILL_TOKENS, max_context)
+        elif isinstance(cache, KVCache):
+            total += per_token * max_context
+        else:
+            total += state
+    return total
 
 
 @dataclass
@@ -219,14 +251,15 @@ class Budget:
 
 
 def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
-                compute: str | None = None, layers: int | None = None,
-                resident: int | None = None) -> Budget:
+                compute: str | None = None, layers: range | None = None,
+                resident: int | None = None, *, model) -> Budget:
     """The budget of a flash dir; `compute` = "dequantized" (quantized records held as float
     values in the cache) makes a cached neuron cost its float size instead of its record's.
-    `layers` and `resident`: a pipeline stage's count of layers and its share of the resident
-    weights (distributed.py), whose budget covers only them (`50%model`: of its share)."""
+    `layers` and `resident`: a pipeline stage's layers and its share of the resident weights
+    (distributed.py), whose budget covers only them (`50%model`: of its share). `model`: the
+    model built from config.json (lazily: nothing evaluated), whose caches count (`kv_bytes`)."""
     m = manifest
-    n = m.num_layers if layers is None else layers
+    n = m.num_layers if layers is None else len(layers)
     resident = m.resident_bytes if resident is None else resident
     d_float = m.d_model * m.itemsize
     neuron = len(m.parts) * d_float if compute == "dequantized" else m.payload_bytes
@@ -237,7 +270,7 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
     else:  # dense: gate/up stay quantized, the down column is held dequantized (format.py)
         dense_neuron = sum(p.nbytes for p in m.parts if p.axis == "row") + d_float
     dense_ffn = n * m.ffn_dim * dense_neuron
-    model = resident + n * m.ffn_dim * m.payload_bytes  # its bytes on disk
+    size = resident + n * m.ffn_dim * m.payload_bytes  # the model's bytes on disk
     # the stream buffer (a dense FFN's: two, one read while the other computes), and for packed
     # records the reader's scratch blocks as large as one
     buffers = stream_rows(m) * m.record_bytes * ((1 if m.experts else 2) + (1 if m.packed else 0))
@@ -252,8 +285,8 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
         top_k = config.get(models.flash_spec(m.architecture).top_k or "", 1)
         buffers += top_k * m.expert_ffn * m.record_bytes
     budget = Budget(
-        total=parse_memory(memory, model), model=model, resident=resident,
-        kv_cache=_kv_bytes(config, m, max_context, n), buffers=buffers,
+        total=parse_memory(memory, size), model=size, resident=resident,
+        kv_cache=kv_bytes(model, config, max_context, m.itemsize, layers), buffers=buffers,
         dense_ffn=dense_ffn, neuron_bytes=neuron,
         num_layers=n, ffn_dim=m.ffn_dim, max_context=max_context,
     )

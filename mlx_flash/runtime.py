@@ -136,8 +136,11 @@ def load(
     text = spec.text(config)  # a multimodal model's text model
     if max_context is None:
         max_context = min(2048, text.get("max_position_embeddings") or 2048)
+    model = build_model(config)  # lazy (nothing evaluated): its caches count in the budget
+    if stage is not None:
+        stage.check(model)
     budget = plan_budget(manifest, text, memory, max_context, compute,
-                         *((len(stage.layers), stage.resident_bytes) if stage else ()))
+                         *((stage.layers, stage.resident_bytes) if stage else ()), model=model)
     if mode != "dense":
         check_memory_limit(budget.total, base_rss)
     # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's
@@ -217,7 +220,6 @@ def load(
     if by_layer and (fractions := _active_fractions(manifest)):
         capacities = layer_capacities(capacity, fractions, manifest.ffn_dim)
 
-    model = build_model(config)
     resident = load_resident(manifest)
     biases = _pop_biases(manifest, resident)
     weights = model.sanitize(resident)

@@ -99,6 +99,7 @@ def bench(
     from .. import probe as probe_mod
     from ..checkpoint import load_config
     from ..format import read_manifest
+    from ..loader import build_model
     from ..memory import plan_budget
     from ..profiles import load_profile, save_profile
 
@@ -111,7 +112,7 @@ def bench(
     else:
         m = read_manifest(path)
         budget = plan_budget(m, models.flash_spec(m.architecture).text(config), memory,
-                             max_context)
+                             max_context, model=build_model(config))
     names = parse_strategies(strategies, experts=bool(m.experts), zero_copy=zero_copy)
     if tokens < 1:
         raise FlashError("--tokens must be >= 1")

@@ -144,7 +144,12 @@ def _mapped_model(ckpt: Path):
         if m is None:
             rest[name] = (view, dtype)
             continue
-        path = next(iter(model.sanitize({name: None})))  # HF name -> parameter path
+        try:
+            path = next(iter(model.sanitize({name: None})))  # HF name -> parameter path
+        except (AttributeError, TypeError):  # a sanitize that converts values (a conv layout)
+            raise FlashError(f"{ckpt}: {config['model_type']}'s weights are converted on load, "
+                             "not only renamed; the mmap baseline maps them as stored, so this "
+                             "type has none (leave mmap out of --strategies)") from None
         by_layer[int(m.group(1))].append((re.sub(r"^.*\.layers\.\d+\.", "", path), view, dtype))
     mapped, layer_class = _Mapped(), _mapped_layer_class()
     layers = model.layers

@@ -60,6 +60,9 @@ class FlashSpec:
     Multimodal checkpoints: `text_config` is the config.json key of the text model's config
     (its dims, heads, activation; see `text`), `unused` the prefixes of checkpoint tensors
     (vision tower, projector) convert leaves out of the flash dir.
+
+    `check(text)`: raises a FlashError for a config (its `text` view) that the model file
+    does not run, before convert reads anything (a dense-only type given experts).
     """
 
     dims: tuple[str, str, str]
@@ -73,6 +76,7 @@ class FlashSpec:
     router: str | None = None  # MoE: attribute path of the router (a Linear) in a decoder layer
     text_config: str | None = None  # multimodal: config.json key of the text model's config
     unused: tuple[str, ...] = ()  # checkpoint name prefixes convert leaves out
+    check: Callable[[dict], None] = lambda text: None
 
     def text(self, config: dict) -> dict:
         """config.json as the text model sees it: a multimodal checkpoint's `text_config`
