@@ -21,7 +21,7 @@ from .format import Manifest
 from .lookahead import Prefetched
 from .memory import DEQUANT_ROWS, stream_rows
 from .state import FlashStats
-from .storage import FlashReader, ReadStats, aligned_empty
+from .storage import FlashReader, MappedReader, ReadStats, aligned_empty
 
 # The overflow (active neurons beyond the cache) is read as whole runs of records where at least
 # this share of a run is wanted: one large request beats many small ones below it (the probe here:
@@ -48,8 +48,6 @@ class FlashRuntime:
         # bundled=False (benchmarks): each record part is its own read, as separate matrices.
         spans = None if bundled else _part_spans(manifest)
         if mapped:  # benchmarks: the mmap baseline of an MoE (page cache, no direct reads)
-            from .bench.mmap import MappedReader
-
             self.reader = MappedReader(manifest.ffn_path, manifest.record_bytes)
         else:
             self.reader = FlashReader(manifest.ffn_path, manifest.record_bytes, threads,

@@ -375,6 +375,44 @@ class FlashReader:
                 )
 
 
+class MappedReader:
+    """The mmap baseline of an MoE flash dir: `FlashReader`'s interface over a read-only memory
+    map of `ffn.bundles`, so each routed expert is copied out of the page cache (what the OS
+    keeps under the memory limit) as llama.cpp's mmap would fault it in; no cache of ours.
+    `bytes` counts what was copied; the disk's share is the process's read bytes."""
+
+    direct = False
+    threads = 1
+
+    def __init__(self, path, record_bytes: int):
+        self.path, self.record_bytes = str(path), record_bytes
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        self.max_request_rows = len(self._map) // record_bytes
+        self._stats = ReadStats()
+
+    def read(self, layer_offset: int, ids: np.ndarray, out: np.ndarray) -> None:
+        t0, rb = time.perf_counter(), self.record_bytes
+        ids = np.asarray(ids, dtype=np.int64)
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1  # runs of adjacent records
+        starts, ends = np.r_[0, breaks], np.r_[breaks, len(ids)]
+        for a, b in zip(starts, ends):
+            off = layer_offset + int(ids[a]) * rb
+            out[a:b] = self._map[off : off + (b - a) * rb].reshape(b - a, rb)
+        self._stats += ReadStats(len(ids) * rb, len(starts), time.perf_counter() - t0, 1)
+
+    def read_range(self, offset: int, nbytes: int, out: np.ndarray) -> None:
+        self.read(offset, np.arange(nbytes // self.record_bytes), out)
+
+    def snapshot(self) -> ReadStats:
+        return self._stats
+
+    def delta(self, since: ReadStats) -> ReadStats:
+        return self._stats - since
+
+    def close(self) -> None:
+        self._map = None
+
+
 class SpanReader:
     """Parallel uncached reads of arbitrary byte spans of several files (an mlx-lm dir's
     safetensors: an expert's slice of a stacked tensor, direct.py).
