@@ -19,12 +19,18 @@ Strategies, cumulative like the paper's Table 2 rows:
                 (what llama.cpp does by default on a machine that is too small)
   mmap-nolimit  the same without the limit (the mapping stays in the page cache)
 
+Peers (`--peers mlx-lm,mlx-vlm,llama.cpp`) run beside them on the same weights, prompt tokens
+and memory limit, each in a venv of its own (peers.py, made on first use or by `--install-peers`)
+through peer_run.py; the table gains ours / peer in tokens/s per budget.
+
 Modules: strategies (names, what each needs), driver (`bench`: one worker process per strategy,
 its memory group), worker (one strategy in one process), mmap (the mmap baseline), synthetic
-(planted predictors), report (cost model figures, claims, table, plot), costmodel.
+(planted predictors), report (cost model figures, claims, table, plot), costmodel, peers (the
+other systems, their venvs), peer_run (one peer in one process, inside the peer's venv).
 """
 
-from .driver import DEFAULT_PROMPT, bench
+from .driver import DEFAULT_PROMPT, bench, parse_budgets
+from .peers import PEERS, install_peers, parse_peers
 from .report import format_table, plot
 from .strategies import STRATEGIES, parse_strategies
 from .synthetic import (
@@ -37,6 +43,7 @@ from .synthetic import (
 )
 
 __all__ = [
-    "DEFAULT_PROMPT", "STRATEGIES", "SYNTHETIC_FILE", "SyntheticPredictor", "bench", "format_table",
-    "gated_spec", "load_synthetic", "parse_strategies", "planted_stats", "plot", "synthetic_spec",
+    "DEFAULT_PROMPT", "PEERS", "STRATEGIES", "SYNTHETIC_FILE", "SyntheticPredictor", "bench",
+    "format_table", "gated_spec", "install_peers", "load_synthetic", "parse_budgets",
+    "parse_peers", "parse_strategies", "planted_stats", "plot", "synthetic_spec",
 ]

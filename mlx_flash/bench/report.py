@@ -28,6 +28,21 @@ def _add_cost_model(row: dict, cost) -> None:
         row["io_vs_floor"] = round(row["io_ms"] / row["floor_ms"], 3)
 
 
+def _add_ratios(rows: list[dict]) -> None:
+    """Each ok peer row's `ours_over_peer`: our fastest streamed row's tokens/s at the same
+    budget (not `dense`, mlx-lm's own load, nor the mmap baselines) over the peer's."""
+    for r in rows:
+        if r.get("system", "mlx-flash") == "mlx-flash" or r.get("status") != "ok":
+            continue
+        ours = [o for o in rows if o.get("system") == "mlx-flash" and o.get("status") == "ok"
+                and o.get("memory") == r.get("memory") and o["strategy"] != "dense"
+                and not o["strategy"].startswith("mmap")]
+        if ours:
+            best = max(ours, key=lambda o: o["tokens_per_s"])
+            r["ours"] = best["strategy"]
+            r["ours_over_peer"] = round(best["tokens_per_s"] / r["tokens_per_s"], 2)
+
+
 def _targets(rows: list[dict]) -> list[dict]:
     """The issue's claims, each with its measured value and whether it holds."""
     ok = {r["strategy"]: r for r in rows if r.get("status") == "ok"}
@@ -86,10 +101,16 @@ def format_table(result: dict) -> str:
     if result["synthetic"]:
         lines.append("**SYNTHETIC model** (random weights, planted sparsity): speed, I/O and "
                      "memory only, no quality.")
+    budgets = result.get("budgets") or [{"memory": result["memory"],
+                                         "budget_bytes": result["memory_budget_bytes"]}]
     lines.append(f"{result['model']}: {result['architecture']} d {result['d_model']}, FFN "
                  f"{result['ffn_dim']}, {result['num_layers']} layers, {result['dtype']}, "
-                 f"{result['model_bytes'] / gb:.2f} GB; budget {result['memory']} = "
-                 f"{result['memory_budget_bytes'] / gb:.2f} GB; memory limit "
+                 f"{result['model_bytes'] / gb:.2f} GB; "
+                 + ("budgets " if len(budgets) > 1 else "budget ")
+                 + ", ".join(("none (no limit; ours given all of the RAM)" if b.get("unlimited")
+                              else f"{b['memory']} = {b['budget_bytes'] / gb:.2f} GB")
+                             for b in budgets)
+                 + "; memory limit "
                  + (f"budget + each process's base RSS + 5% (at most "
                     f"{result['memory_limit_bytes'] / gb:.2f} GB; cgroup, page cache included)"
                     if result["memory_limit_bytes"] else "none")
@@ -97,11 +118,37 @@ def format_table(result: dict) -> str:
     lines.append(f"{result['machine']} (load average {result['load_average_before']} before, "
                  f"{result['load_average_after']} after); reads probed at {result['probe']['path']} "
                  f"({result['probe']['created']})")
-    lines.append("")
+    several = len(budgets) > 1
+    for b in budgets:
+        ours = [r for r in result["rows"] if r.get("system", "mlx-flash") == "mlx-flash"
+                and r.get("memory", b["memory"]) == b["memory"]]
+        lines.append("")
+        if several:
+            lines.append(f"budget {b['memory']}:")
+        lines += _strategy_table(ours)
+    if result.get("peers"):
+        lines.append("")
+        lines += _peer_table(result["rows"], several)
+    if result.get("tokens_differ"):
+        lines.append("")
+        lines.append("- greedy tokens differ from the first row's: "
+                     + ", ".join(result["tokens_differ"]))
+    if result["summary"]:
+        lines.append("")
+        for c in result["summary"]:
+            lines.append(f"- {c['claim']}"
+                         + (f" (budget {c['memory']})" if c.get("memory") else "")
+                         + f": {c['value']} (target {c['target']}): "
+                         f"{'met' if c['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def _strategy_table(rows: list[dict]) -> list[str]:
+    lines = []
     lines.append("| strategy | flash MB/token | reads/token | GB/s | I/O ms | predicted I/O ms | "
                  "floor ms | cache ms | compute ms | total ms | tokens/s | peak RSS MiB | notes |")
     lines.append("|---|" + "---:|" * 11 + "---|")
-    for r in result["rows"]:
+    for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['strategy']} | " + " | " * 11 + f"{r['status']}: {r['reason']} |")
             continue
@@ -137,12 +184,39 @@ def format_table(result: dict) -> str:
             f"{_num(r['io_ms'])} | {_num(r.get('predicted_io_ms'))} | {_num(r.get('floor_ms'))} | "
             f"{_num(r['cache_ms'])} | {_num(r['compute_ms'])} | {_num(r['token_ms'])} | "
             f"{r['tokens_per_s']:.3f} | {r['peak_rss_bytes'] / 2**20:,.0f} | {', '.join(notes)} |")
-    if result["summary"]:
-        lines.append("")
-        for c in result["summary"]:
-            lines.append(f"- {c['claim']}: {c['value']} (target {c['target']}): "
-                         f"{'met' if c['met'] else 'NOT met'}")
-    return "\n".join(lines)
+    return lines
+
+
+def _peer_table(rows: list[dict], several: bool) -> list[str]:
+    """Ours and the peers side by side: decode speed (prefill apart), disk bytes per token,
+    the memory group's peak (peak RSS where there was no group), ours / peer in tokens/s."""
+    lines = ["| budget | system | strategy | tokens/s | ms/token | prefill ms | disk MB/token | "
+             "peak MiB | limit MiB | ours / peer | notes |",
+             "|---|---|---|" + "---:|" * 7 + "---|"]
+    for r in rows:
+        system, budget = r.get("system", "mlx-flash"), r.get("memory", "")
+        if r["status"] != "ok":
+            lines.append(f"| {budget} | {system} | {r['strategy'] if system == 'mlx-flash' else ''}"
+                         " | | | | | | | | " + f"{r['status']}: {r.get('reason', '')} |")
+            continue
+        disk = r.get("disk_bytes_per_token", r.get("flash_bytes_per_token"))
+        peak = r.get("cgroup_peak_bytes")
+        notes = [] if peak else ["peak RSS (no memory group)"]
+        peak = peak or r["peak_rss_bytes"]
+        if r.get("cache_hit_rate") is not None:
+            notes.append(f"cache hits {r['cache_hit_rate']:.1%}")
+        if r.get("ours"):
+            notes.append(f"ours = {r['ours']}")
+        if r.get("tokens_compared") is False:
+            notes.append("other weights (GGUF): tokens not compared")
+        ratio = r.get("ours_over_peer")
+        lines.append(
+            f"| {budget} | {system} | {r['strategy'] if system == 'mlx-flash' else ''} | "
+            f"{r['tokens_per_s']:.3f} | {_num(r['token_ms'])} | {_num(r.get('prefill_ms'))} | "
+            f"{_mb(disk)} | {peak / 2**20:,.0f} | "
+            f"{_num(r.get('limit_bytes') and r['limit_bytes'] / 2**20, '{:,.0f}')} | "
+            f"{'' if ratio is None else f'{ratio:.2f}x'} | {', '.join(notes)} |")
+    return lines
 
 
 def plot(result: dict, file: str | Path) -> Path:
@@ -150,7 +224,9 @@ def plot(result: dict, file: str | Path) -> Path:
     from ..probe import _pyplot
 
     plt = _pyplot()
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    first = (result.get("budgets") or [{}])[0].get("memory")  # ours at the first budget
+    rows = [r for r in result["rows"] if r["status"] == "ok"
+            and r.get("system", "mlx-flash") == "mlx-flash" and r.get("memory", first) == first]
     names = [r["strategy"] for r in rows]
     io = np.array([r["io_ms"] for r in rows])
     cache = np.array([r["cache_ms"] + r["predict_ms"] for r in rows])

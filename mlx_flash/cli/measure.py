@@ -48,25 +48,40 @@ def probe(
 @app.command()
 @friendly
 def bench(
-    model: Annotated[Path, typer.Option("--model", "-m", help="A flash model dir (mlx-flash convert, or tools/synthetic_flash.py).")],
-    memory: Annotated[str, typer.Option("--memory", help="Memory budget, as for generate; enforced as a real limit where the platform allows.")] = "50%model",
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="A flash model dir (mlx-flash convert, or tools/synthetic_flash.py) or an mlx-lm MoE dir.")] = None,
+    memory: Annotated[str, typer.Option("--memory", help="Memory budget, as for generate, or a comma list of budgets run one after the other (none: no limit), e.g. 30%model,50%model,70%model,none; enforced as a real limit where the platform allows.")] = "50%model",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Decode tokens per strategy.")] = 8,
     strategies: Annotated[str | None, typer.Option("--strategies", help="Comma list: dense, naive, hybrid, predicted, +window, +bundling, all, +lookahead (all with the next layer's reads started early), mmap, mmap-nolimit; an MoE: dense, naive, +cache, all, mmap. Default: all of them.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text (the same for every strategy).")] = None,
     window: WindowOpt = 4,
     max_context: Annotated[int, typer.Option("--max-context", min=16, help="Tokens of KV cache the budget reserves.")] = 256,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Dense HF checkpoint of the same weights, for the dense and mmap baselines. Default: the flash dir's source.")] = None,
+    peers: Annotated[str | None, typer.Option("--peers", help="Comma list of other systems run on the same weights under the same limit: mlx-lm, mlx-vlm (its MoE expert offload), llama.cpp (needs --gguf). Each in a venv of its own under models/bench/peers/ (mlx-vlm's made on first use).")] = None,
+    install_peers: Annotated[str | None, typer.Option("--install-peers", help="Comma list of peers to (re)install first; alone, without --model, only installs them (llama.cpp: built from source, ~25 min).")] = None,
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="The same model as a llama.cpp GGUF file, for the llama.cpp peer.")] = None,
     no_limit: Annotated[bool, typer.Option("--no-limit", help="Do not enforce the budget with a memory cgroup.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw ms per token per strategy into this PNG (needs matplotlib).")] = None,
     as_json: JsonOpt = False,
 ):
-    """Compare the paper's strategies on one model and prompt, each started cold."""
+    """Compare the paper's strategies (and other systems) on one model and prompt, each started cold."""
     from .. import bench as lib
+    from ..errors import FlashError
 
+    if model is None and not install_peers:
+        raise FlashError("--model is required (or --install-peers alone to install peers)")
+    for names in (peers, install_peers):  # unknown names: before any work
+        lib.parse_peers(names)
     say = None if as_json else (lambda line: typer.echo(line, err=True))
+    if install_peers:
+        done = lib.install_peers(install_peers, progress=say)
+        if model is None:
+            if as_json:
+                typer.echo(json.dumps({name: str(p) for name, p in done.items()}))
+            return
     result = lib.bench(model, memory=memory, tokens=tokens, strategies=strategies,
                        prompt=prompt or lib.DEFAULT_PROMPT, window=window, max_context=max_context,
-                       limit=not no_limit, checkpoint=checkpoint, progress=say)
+                       limit=not no_limit, checkpoint=checkpoint, progress=say, peers=peers,
+                       gguf=gguf)
     if plot is not None:
         lib.plot(result, plot)
     if as_json:
