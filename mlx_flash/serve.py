@@ -246,6 +246,8 @@ class Service:
                 "memory_budget_bytes": state.budget.total if state.budget else None,
                 "rss_bytes": platform.current_rss_bytes(),
                 "peak_rss_bytes": platform.peak_rss_bytes(), "loaded_rss_bytes": self.loaded_rss,
+                # the RSS before the model (what --memory does not cover)
+                "base_rss_bytes": state.base_rss_bytes,
                 "mlx_active_bytes": mx.get_active_memory(), "mlx_peak_bytes": mx.get_peak_memory(),
                 "queued": self.jobs.qsize(), "requests": dict(self.counts)}
 
