@@ -15,6 +15,8 @@ import mlx.nn as nn
 import numpy as np
 
 from . import activations, models, platform, quant
+from .bench.options import DEFAULT as DEFAULT_BENCH
+from .bench.options import BenchOptions
 from .checkpoint import load_config
 from .errors import FlashError
 from .ffn import BRIDGE_DENSITY, FlashMLP, FlashRuntime
@@ -61,16 +63,12 @@ def load(
     max_context: int | None = None,
     capacity: int | None = None,
     *,
-    predictors: list | None = None,
-    bundled: bool = True,
     max_request_bytes: int | None = None,
     compute: str | None = None,
     lookahead: bool | None = None,
-    routers: list | None = None,
-    mapped: bool = False,
-    per_layer: bool = False,
     stage=None,
     tokenizer=None,
+    bench: BenchOptions = DEFAULT_BENCH,
 ):
     """Load a flash model dir as (model, tokenizer) within a memory budget.
 
@@ -85,8 +83,6 @@ def load(
     `hybrid` mode keeps the budget's share of each layer (its first neurons) resident and reads
     the rest every token. `threads` and `max_request_bytes` (the reader's coalescing limit)
     default to the `mlx-flash probe` profile of the volume, else 16 threads and 1 MiB.
-    Benchmarks only: `predictors` (per-layer callables x -> bool mask) replace
-    predictors.safetensors; `bundled=False` reads each record part separately.
     `compute` (quantized records): `quantized` keeps cached neurons quantized and multiplies
     with `quantized_matmul`, `dequantized` dequantizes them on insert (float cache, counted in
     the budget); default by device (`quant.default_compute`).
@@ -95,16 +91,15 @@ def load(
     predictor (oracle: the next dense input product) applied a layer early (lookahead.py; its
     buffers take at most half of what the budget leaves for the neuron caches, and 64 MiB).
     Default (None): on for an MoE, off for a dense FFN (measured: no gain on this 2-core
-    machine, where its reads and predictor pass compete with compute; docs/BENCHMARKS.md). Benchmarks only: `routers` (per-layer callables x -> logits,
-    with a `guess` for the lookahead) replace an MoE's routers; `mapped` reads records through
-    a memory map (the mmap baseline) instead of direct reads. `per_layer` (predicted mode, an
-    experiment): the neuron caches' rows shared out by each layer's predicted-active fraction
-    from calibration (`layer_capacities`) instead of the same rows for every layer; on opt-fixture it read
-    between 0.6% more and 2.6% fewer bytes (docs/BENCHMARKS.md), so it is off by default.
+    machine, where its reads and predictor pass compete with compute; docs/BENCHMARKS.md).
     `stage` (a `distributed.Stage`): load only its layers (and, on rank 0, the embeddings and
     head); the budget covers only them; the other layers become placeholders. `tokenizer`: the
     dir's tokenizer, already loaded (else it is loaded first, before the base RSS is measured).
+    `bench`: what only benchmarks and measuring tools change (`bench.options.BenchOptions`:
+    planted predictors and routers, unbundled reads, the mmap baseline's reader, per-layer
+    cache rows).
     """
+    predictors, per_layer = bench.predictors, bench.per_layer
     if mode not in MODES:
         raise FlashError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     asked, note = mode, None
@@ -230,8 +225,8 @@ def load(
     if threads is None or max_request_bytes is None:
         probed_threads, probed_request = reader_settings(manifest.ffn_path, manifest.record_bytes)
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
-    rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bundled, compute,
-                      mapped)
+    rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bench.bundled,
+                      compute, bench.mapped)
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
     rt.reader_profile = profile or "defaults (no probe profile for this volume)"
     ahead = None
@@ -268,8 +263,8 @@ def load(
     if manifest.experts:
         for i in flash:
             layer = model.layers[i]
-            if routers is not None:
-                _set_module(layer, rt.spec.router, routers[i])
+            if bench.routers is not None:
+                _set_module(layer, rt.spec.router, bench.routers[i])
             if i - 1 in flash:  # layer i-1 guesses this layer's experts with this router
                 router = _module(layer, rt.spec.router)
                 flash[i - 1].link(flash[i], getattr(router, "guess", router))

@@ -128,8 +128,9 @@ def test_llama_shaped_synthetic_dir_is_a_llama(tmp_path):
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # bfloat16 against float32
     spec = json.loads((flash / bench.SYNTHETIC_FILE).read_text())
     assert spec["predicted_fraction"] == pytest.approx(0.875)
-    model, tok = runtime.load(flash, memory="1GB", mode="predicted", predictors=bench.load_synthetic(
-        flash, m.ffn_dim, m.num_layers), lookahead=True)
+    model, tok = runtime.load(flash, memory="1GB", mode="predicted", lookahead=True,
+                              bench=bench.BenchOptions(predictors=bench.load_synthetic(
+                                  flash, m.ffn_dim, m.num_layers)))
     _greedy(model, tok, n=4)
     s = model.flash.stats()
     assert s["decode_tokens"] == 4 and s["lookahead_recall"] > 0.5
@@ -252,8 +253,8 @@ def test_hybrid_and_unbundled_modes_are_exact(fixture_dir):
     assert _greedy(hybrid, tok) == want
     s = hybrid.flash.runtime.stats.per_token()
     assert s["flash_bytes_per_token"] == m.num_layers * (m.ffn_dim - 500) * m.record_bytes
-    split, _ = runtime.load(fixture_dir, memory="1GB", mode="predicted", bundled=False,
-                            lookahead=False)  # its guesses would read more
+    split, _ = runtime.load(fixture_dir, memory="1GB", mode="predicted", lookahead=False,
+                            bench=bench.BenchOptions(bundled=False))  # guesses would read more
     assert _greedy(split, tok) == want  # exact predictors: the oracle's tokens
     s = split.flash.runtime.stats.per_token()
     neurons = split.flash.runtime.stats.misses + split.flash.runtime.stats.overflow

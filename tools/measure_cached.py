@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_flash import load
+from mlx_flash.bench.options import BenchOptions
 from mlx_flash.convert import convert
 from mlx_flash.generation import new_cache
 
@@ -51,7 +52,8 @@ def main() -> None:
         n_layers = oracle[0].flash.runtime.manifest.num_layers
         # a stand-in predictor that marks every neuron: the runtime's own cost, no predictor's
         marks_all = [lambda x: mx.ones((x.shape[0], ffn), dtype=mx.bool_)] * n_layers
-        predicted = load(out, mode="predicted", predictors=marks_all, **everything)
+        predicted = load(out, mode="predicted", bench=BenchOptions(predictors=marks_all),
+                         **everything)
         best = {}
         for _ in range(2):
             d = decode_tps(*dense, args.warmup, args.tokens)

@@ -1,5 +1,5 @@
 """Predicted mode with one cache size for every layer against rows shared out by each layer's
-predicted-active fraction (`runtime.load(per_layer=True)`), alternating twice in one process:
+predicted-active fraction (`runtime.load(bench=BenchOptions(per_layer=True))`), alternating twice in one process:
 flash bytes, hits and overflow per token over the same teacher-forced tokens.
 
     python tools/measure_layer_capacity.py CALIBRATED_FLASH_DIR TEXT --memory 25MB [--tokens 200]
@@ -12,6 +12,7 @@ import argparse
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlx_flash.bench.options import BenchOptions
 from mlx_flash.runtime import load
 
 
@@ -25,8 +26,8 @@ def main() -> None:
     text = open(a.text, encoding="utf-8").read()[: 20 * a.tokens]
     for rnd in range(2):
         for per_layer in (False, True):
-            model, tok = load(a.model, memory=a.memory, mode="predicted", per_layer=per_layer,
-                              max_context=512)
+            model, tok = load(a.model, memory=a.memory, mode="predicted", max_context=512,
+                              bench=BenchOptions(per_layer=per_layer))
             ids = tok.encode(text)[: 20 + a.tokens]
             cache = make_prompt_cache(model)
             model(mx.array([ids[:20]]), cache=cache)

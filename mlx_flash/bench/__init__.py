@@ -29,21 +29,29 @@ its memory group), worker (one strategy in one process), mmap (the mmap baseline
 other systems, their venvs), peer_run (one peer in one process, inside the peer's venv).
 """
 
-from .driver import DEFAULT_PROMPT, bench, parse_budgets
-from .peers import PEERS, install_peers, parse_peers
-from .report import format_table, plot
-from .strategies import STRATEGIES, parse_strategies
-from .synthetic import (
-    SYNTHETIC_FILE,
-    SyntheticPredictor,
-    gated_spec,
-    load_synthetic,
-    planted_stats,
-    synthetic_spec,
-)
+# The names below load their modules on first use: the runtime imports `bench.options` (which
+# imports nothing) without importing the orchestrator, its workers and peers.
+_EXPORTS = {
+    "DEFAULT_PROMPT": "driver", "bench": "driver", "parse_budgets": "driver",
+    "PEERS": "peers", "install_peers": "peers", "parse_peers": "peers",
+    "format_table": "report", "plot": "report",
+    "STRATEGIES": "strategies", "parse_strategies": "strategies",
+    "SYNTHETIC_FILE": "synthetic", "SyntheticPredictor": "synthetic", "gated_spec": "synthetic",
+    "load_synthetic": "synthetic", "planted_stats": "synthetic", "synthetic_spec": "synthetic",
+    "BenchOptions": "options",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
 
 __all__ = [
     "DEFAULT_PROMPT", "PEERS", "STRATEGIES", "SYNTHETIC_FILE", "SyntheticPredictor", "bench",
     "format_table", "gated_spec", "install_peers", "load_synthetic", "parse_budgets",
-    "parse_peers", "parse_strategies", "planted_stats", "plot", "synthetic_spec",
+    "parse_peers", "parse_strategies", "planted_stats", "plot", "synthetic_spec", "BenchOptions",
 ]

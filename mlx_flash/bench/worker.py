@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import platform
 from .mmap import _checkpoint_files, _mapped_model
+from .options import BenchOptions
 from .routing import load_routing
 from .strategies import FLASH
 from .synthetic import SyntheticPredictor, load_synthetic
@@ -184,13 +185,13 @@ def _worker(spec: dict) -> dict:
         predictors = None
         if kw["mode"] == "predicted" and not (path / "predictors.safetensors").exists():
             predictors = load_synthetic(path, m.ffn_dim, m.num_layers)
-        if routers is not None:
-            kw["routers"] = routers
+        options = BenchOptions(predictors=predictors, bundled=kw.pop("bundled", True),
+                               routers=routers, mapped=kw.pop("mapped", False))
         model, tok = runtime.load(path, memory=spec["memory"], max_context=spec["max_context"],
                                   threads=spec["threads"], max_request_bytes=spec["max_request_bytes"],
-                                  predictors=predictors, tokenizer=tokenizer, **kw)
+                                  tokenizer=tokenizer, bench=options, **kw)
         rt, budget = model.flash.runtime, model.flash.budget
-        row.update(mode=kw["mode"], window=kw["window"], bundled=kw.get("bundled", True),
+        row.update(mode=kw["mode"], window=kw["window"], bundled=options.bundled,
                    threads=rt.reader.threads, max_request_bytes=rt.reader.max_request_rows
                    * m.record_bytes, direct_io=rt.reader.direct,
                    capacity_fraction=round(budget.capacity / m.ffn_dim, 4),
