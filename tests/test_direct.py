@@ -164,8 +164,12 @@ def test_the_lookahead_changes_no_logit(built):
     assert on_stats["flash_bytes_per_token"] >= off_stats["flash_bytes_per_token"]
 
 
+AFFINE = dict(quantize=True, q_bits=4, q_group_size=32)
+
+
 @pytest.mark.parametrize("model_type,quantize", [
     ("qwen3_next", dict(quantize=True, q_bits=4, q_group_size=64)),
+    ("gpt_oss", AFFINE), ("glm4_moe", AFFINE), ("minimax_m2", AFFINE), ("qwen3_5_moe", AFFINE),
     ("gpt_oss", dict(quantize=True, q_mode="mxfp4", q_bits=4, q_group_size=32)),
     # mixed precision: per-layer bits in config.json (the experts of some layers at 6 bits)
     ("deepseek_v3", dict(quantize=True, quant_predicate="mixed_3_6", q_group_size=32)),
