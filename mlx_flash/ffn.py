@@ -377,12 +377,7 @@ class FlashMLP(nn.Module):
         s.evictions += evicted
         if self.layer == 0:
             # Layer 0 of token t+1 starts after token t is fully evaluated (the sync above).
-            now = time.perf_counter()
-            if s.last_token_start is not None:
-                s.timed_tokens += 1
-                s.token_s += now - s.last_token_start
-            s.last_token_start = now
-            s.tokens += 1
+            s.token_boundary()
 
 
 class _Follower:

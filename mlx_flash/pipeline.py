@@ -16,7 +16,6 @@ import os
 import select
 import socket
 import stat
-import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -397,11 +396,6 @@ def _count(model, b: int, t: int) -> None:
         s.prefill_tokens += b * t
         s.last_token_start = None
         return
-    now = time.perf_counter()
-    if s.last_token_start is not None:
-        s.timed_tokens += 1
-        s.token_s += now - s.last_token_start
-    s.last_token_start = now
-    s.tokens += 1
+    s.token_boundary()
 
 

@@ -8,6 +8,7 @@ the CLI read it through `state_of(model)`, which also covers a plain mlx-lm mode
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,16 @@ class FlashStats:
     prefill_io: ReadStats = field(default_factory=ReadStats)
     last_token_start: float | None = None
     ranks: tuple = ()  # rank 0 of a pipeline: the counters of ranks 1.. (distributed.py)
+
+    def token_boundary(self) -> None:
+        """A decode token's first layer starts: the time since the last one's start is a
+        token's (the first token's is not known)."""
+        now = time.perf_counter()
+        if self.last_token_start is not None:
+            self.timed_tokens += 1
+            self.token_s += now - self.last_token_start
+        self.last_token_start = now
+        self.tokens += 1
 
     def since(self, before: FlashStats) -> FlashStats:
         """The counts accumulated after the snapshot `before`."""

@@ -237,12 +237,7 @@ class StreamedExperts(nn.Module):
         s.misses += misses
         s.evictions += evicted
         if self._position == 0:  # the first MoE layer of token t+1 starts after token t
-            now = time.perf_counter()
-            if s.last_token_start is not None:
-                s.timed_tokens += 1
-                s.token_s += now - s.last_token_start
-            s.last_token_start = now
-            s.tokens += 1
+            s.token_boundary()
 
 
 class ExpertLookahead:

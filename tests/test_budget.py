@@ -87,14 +87,14 @@ def kinds(root):
         "dense float16": (smol16, "60%model", "+cache", 512),  # every neuron: what auto runs
         "dense 4-bit": (smol4, "85%model", "+cache", 48),
         "MoE 4-bit": (moe_flash, "50%model", "all", 512),
-        # the same MoE streamed from mlx-lm's dir as it is (zero-copy), and a hybrid one
-        "MoE 4-bit, mlx-lm dir": (moe, "50%model", "all", 512),
-        "hybrid MoE 4-bit, mlx-lm dir": (hybrid, "50%model", "all", 512),
+        # an MoE streamed from mlx-lm's dir as it is (zero-copy), a hybrid one: its prefill
+        # is the slowest here (Gated-DeltaNet on the CPU), so a shorter prompt
+        "hybrid MoE 4-bit, mlx-lm dir": (hybrid, "50%model", "all", 256),
     }
 
 
 @pytest.mark.parametrize("kind", ["dense float16", "dense 4-bit", "MoE 4-bit",
-                                  "MoE 4-bit, mlx-lm dir", "hybrid MoE 4-bit, mlx-lm dir"])
+                                  "hybrid MoE 4-bit, mlx-lm dir"])
 def test_the_budget_holds_under_a_real_limit(kinds, kind):
     path, memory, strategy, n = kinds[kind]
     result = bench.bench(path, memory=memory, tokens=3, strategies=[strategy],
