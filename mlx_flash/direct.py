@@ -139,6 +139,28 @@ def _plant(model: nn.Module, switches: list, routers: list, path: Path) -> None:
         setattr(block, attr, router)
 
 
+def info(path: str | Path) -> dict:
+    """What `mlx-flash info` says of an mlx-lm MoE dir: the family, its experts, their share of
+    the files and the quantization, from config.json and the safetensors headers alone."""
+    path = Path(path)
+    config = load_config(path)
+    where = tensors(path)
+    experts = expert_count(config)
+    stacked = {name.rsplit(".", 1)[0] for name, (_, _, _, shape) in where.items()
+               if len(shape) == 3 and shape[0] == experts and _STACKED.search(name)}
+    streamed = sum(n for name, (_, _, n, _) in where.items()  # weights, scales, biases
+                   if name.rsplit(".", 1)[0] in stacked)
+    text = config.get("text_config") or config
+    quant = config.get("quantization") or {}
+    return {"path": str(path), "layout": "mlx-lm (streamed as it is; no flash dir)",
+            "architecture": config.get("model_type"), "num_layers": text.get("num_hidden_layers"),
+            "d_model": text.get("hidden_size"), "experts": experts, "top_k": _top_k(config),
+            "quantization": {k: quant[k] for k in ("bits", "group_size", "mode") if k in quant}
+            or None,
+            "model_bytes": sum(n for _, _, n, _ in where.values()),
+            "expert_bytes": streamed, "files": len(weight_files(path))}
+
+
 def plan(path: str | Path, memory=None, max_context: int | None = None,
          lookahead: bool = True) -> SimpleNamespace:
     """The model of the mlx-lm MoE dir `path` built lazily (nothing read but headers) and its

@@ -248,3 +248,19 @@ def test_a_hub_repo_of_an_mlx_lm_moe_streams_from_its_snapshot(built, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert model_path("mlx-community/glm-fake-4bit", progress=False) == snapshot
     assert not (tmp_path / "models").exists()
+
+
+def test_info_describes_an_mlx_lm_dir(built):
+    """`mlx-flash info` on an mlx-lm MoE dir says what streams from it (not a missing manifest)."""
+    from typer.testing import CliRunner
+
+    from mlx_flash.cli import app
+
+    path = built("glm4_moe")[0]
+    result = CliRunner().invoke(app, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["architecture"] == "glm4_moe" and data["experts"] == EXPERTS
+    assert data["top_k"] == TOP_K and data["layout"].startswith("mlx-lm")
+    # the routed experts of the two MoE layers (layer 0 is dense): 3 float32 projections each
+    assert data["expert_bytes"] == 2 * EXPERTS * 3 * FFN * 64 * 4

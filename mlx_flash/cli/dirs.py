@@ -58,10 +58,13 @@ FlashDirArg = Annotated[Path, typer.Argument(help="A flash model dir.")]
 @friendly
 def info(path: FlashDirArg, as_json: JsonOpt = False):
     """Describe a flash model dir: architecture, dims, dtype, sizes and padding, alignment,
-    format version, whether it is calibrated and when it was last verified."""
+    format version, whether it is calibrated and when it was last verified (an mlx-lm MoE dir:
+    what streams from it)."""
+    from .. import direct
     from .. import format as fmt
 
-    data = fmt.info(path)
+    data = direct.info(path) if not fmt.is_flash_dir(path) and direct.streamable(path) else (
+        fmt.info(path))
     width = max(len(k) for k in data)
     lines = [f"{k:<{width}}  " + (f"{v} ({format_bytes(v)})" if isinstance(v, int)
                                   and k.endswith("bytes") and v >= 2**20 else f"{v}")
