@@ -35,8 +35,8 @@ from .memory import (
     parse_memory,
 )
 from .safetensors import read_header
+from .spans import SpanReader
 from .state import FlashState
-from .storage import SpanReader
 from .streamed import DirectRuntime, ExpertLookahead, StreamedExperts, _owner, guesser
 
 # config keys of the routed experts' count and of the experts a token picks, by family

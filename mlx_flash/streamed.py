@@ -13,7 +13,7 @@ the model and puts a `StreamedExperts` in place of each `SwitchGLU`/`SwitchMLP`)
   cache-full at a time, each group's tokens multiplied together.
 
 In mlx-lm's stacked tensors expert e's weight, scales and biases are each one contiguous slice
-(bytes e*S .. (e+1)*S of the tensor): a miss reads those slices (`storage.SpanReader`: widened
+(bytes e*S .. (e+1)*S of the tensor): a miss reads those slices (`spans.SpanReader`: widened
 to the direct-I/O blocks around them, copied out).
 """
 
@@ -28,8 +28,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .dtypes import to_float32
+from .spans import SpanReader
 from .state import FlashStats
-from .storage import ReadStats, SpanReader
+from .storage import ReadStats
 
 
 class DirectRuntime:
