@@ -89,25 +89,26 @@ def convert(
     _check_out(out, force)  # before any download
     ckpt = GGUFCheckpoint(source) if is_gguf(source) else _hf_checkpoint(source, out, progress)
     arch = ckpt.config.get("model_type")
-    if _mlx_lm_only(ckpt):  # an MoE family only mlx-lm has: its dir, streamed as it is
-        if out.exists():
-            shutil.rmtree(out)
-        return mlxlm.write_dir(ckpt.path, out, 4 if quantize is None else quantize, group_size,
-                               dtype)
-    if arch in models.supported() and models.flash_spec(arch).experts:
-        ckpt = ExpertView(ckpt, models.flash_spec(arch))  # experts stacked per record part
-    plan = _plan(ckpt, dtype, quantize, group_size)
-    if align is None:
-        align = max(platform.direct_io_alignment(), fmt.MIN_ALIGNMENT)
-    if packed is None:
-        packed = choose_packed(plan.payload_bytes, align)
+    mlx_lm_only = _mlx_lm_only(ckpt)  # an MoE family only mlx-lm has: its dir, as it streams
+    if not mlx_lm_only:
+        if arch in models.supported() and models.flash_spec(arch).experts:
+            ckpt = ExpertView(ckpt, models.flash_spec(arch))  # experts stacked per record part
+        plan = _plan(ckpt, dtype, quantize, group_size)
+        if align is None:
+            align = max(platform.direct_io_alignment(), fmt.MIN_ALIGNMENT)
+        if packed is None:
+            packed = choose_packed(plan.payload_bytes, align)
 
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)  # left over from a crash (a clean failure removes it)
     partial.mkdir(parents=True)
     try:
-        _write(ckpt, plan, partial, str(source), align, packed, progress)
+        if mlx_lm_only:
+            mlxlm.write_dir(ckpt.path, partial, 4 if quantize is None else quantize, group_size,
+                            dtype)
+        else:
+            _write(ckpt, plan, partial, str(source), align, packed, progress)
         _check_out(out, force)
         if out.exists():
             old = out.with_name(out.name + ".old")

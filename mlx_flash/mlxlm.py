@@ -75,15 +75,13 @@ def knows(config: dict) -> bool:
 
 def write_dir(source: Path, out: Path, quantize: int | None = 4, group_size: int | None = None,
               dtype: str | None = None) -> Path:
-    """The checkpoint at `source` (HF safetensors) as an mlx-lm dir at `out`, written by mlx-lm
-    (its `sanitize` stacks the experts): `quantize` 4 or 8 (affine, `group_size` default 64) or
-    0/None for float (`dtype`, default as stored). Written to `out.partial`, then renamed."""
+    """The checkpoint at `source` (HF safetensors) as an mlx-lm dir written into `out` (an empty
+    dir: convert's `.partial`) by mlx-lm (its `sanitize` stacks the experts): `quantize` 4 or 8
+    (affine, `group_size` default 64) or 0/None for float (`dtype`, default as stored)."""
     import mlx.core as mx
     from mlx.utils import tree_map_with_path
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
         model, config = load_model(source, lazy=True, get_model_classes=_stacking_classes)
         if dtype is not None:  # as mlx-lm's convert casts (a model may keep some in float32)
@@ -93,17 +91,11 @@ def write_dir(source: Path, out: Path, quantize: int | None = 4, group_size: int
                 else a, model.parameters()))
         if quantize:
             model, config = quantize_model(model, config, group_size or 64, quantize)
-        partial.mkdir(parents=True)
-        save_model(partial, model, donate_model=True)
-        save_config(config, partial / "config.json")
-        for name in SIDE_FILES:
-            if (source / name).is_file():
-                shutil.copy(source / name, partial / name)
-        partial.rename(out)
     except ValueError as e:
-        shutil.rmtree(partial, ignore_errors=True)
         raise FlashError(f"{source}: {e}") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    save_model(out, model, donate_model=True)
+    save_config(config, out / "config.json")
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
     return out
