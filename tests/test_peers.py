@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mlx_flash import bench, platform, profiles
-from mlx_flash.bench.driver import _tokens_differ
+from mlx_flash.bench.driver import _match_gguf_tokens, _tokens_differ
 from mlx_flash.errors import FlashError
 from mlx_flash.loader import load_tokenizer
 
@@ -95,3 +95,20 @@ def test_a_peer_with_other_tokens_is_caught():
     for r, memory in zip(rows, ("none", "none", "50%model")):
         r["memory"] = memory
     assert _tokens_differ(rows) == ["mlx-vlm@none"]
+
+
+def test_a_gguf_peer_on_our_vocabulary_says_how_many_tokens_lead_ours():
+    """llama.cpp on a GGUF that tokenizes the prompt as we do: how far its greedy tokens follow
+    ours is reported, not checked (its own kernels and rounding); other prompts say nothing."""
+    rows = [{"system": "mlx-flash", "status": "ok", "token_ids": [5, 6, 7, 8]},
+            {"system": "llama.cpp", "status": "ok", "token_ids": [5, 6, 9, 9],
+             "same_prompt_tokens": True, "tokens_compared": False},
+            {"system": "llama.cpp", "status": "ok", "token_ids": [5, 6, 7, 8],
+             "same_prompt_tokens": True, "tokens_compared": False},
+            {"system": "llama.cpp", "status": "ok", "token_ids": [5, 6, 7, 8],
+             "same_prompt_tokens": False, "tokens_compared": False}]
+    _match_gguf_tokens(rows)
+    assert rows[1]["tokens_match_ours"] == "first 2 of 4 tokens as ours"
+    assert rows[2]["tokens_match_ours"] == "first 4 of 4 tokens as ours"
+    assert "tokens_match_ours" not in rows[3] and "tokens_match_ours" not in rows[0]
+    assert _tokens_differ(rows) == []

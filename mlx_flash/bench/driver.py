@@ -178,6 +178,7 @@ def bench(
                 tokens=tokens, max_context=max_context, routing=routing, gguf=gguf, say=say)
             rows.append({"memory": label, **row})
     _add_ratios(rows)
+    _match_gguf_tokens(rows)
     limits = [r["limit_bytes"] for r in rows if r.get("limit_bytes")]
     return {
         "model": str(path),
@@ -258,6 +259,19 @@ def _group_figures(row: dict, group: Path | None) -> None:
         if row["status"] != "ok" and row.get("returncode") == -9:
             row["reason"] = (f"killed under the {limit_bytes / 2**30:.2f} GiB memory limit "
                              "(out of memory)")
+
+
+def _match_gguf_tokens(rows: list[dict]) -> None:
+    """A GGUF peer's `tokens_match_ours` where it read the prompt as our tokenizer does: how many
+    of its greedy tokens lead our first row's (its own kernels and rounding: for information,
+    not a check)."""
+    ours = next((r["token_ids"] for r in rows if r.get("system") == "mlx-flash"
+                 and r.get("status") == "ok" and r.get("token_ids")), None)
+    for r in rows:
+        if ours and r.get("same_prompt_tokens") and r.get("token_ids"):
+            same = next((i for i, (a, b) in enumerate(zip(ours, r["token_ids"])) if a != b),
+                        min(len(ours), len(r["token_ids"])))
+            r["tokens_match_ours"] = f"first {same} of {len(r['token_ids'])} tokens as ours"
 
 
 def _tokens_differ(rows: list[dict]) -> list[str]:

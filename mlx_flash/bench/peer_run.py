@@ -293,7 +293,8 @@ def _llama_cpp(spec):
     prompt = llm.tokenize(spec["prompt"].encode())
     gen = llm.generate(prompt, top_k=1, temp=0.0)
     row = _row(spec, base, load_s, *_timed(gen, spec["tokens"] + 1, "llama.cpp"))
-    row["prompt_tokens"] = len(prompt)
+    # a GGUF of the same vocabulary reads the prompt as our tokenizer does
+    row.update(prompt_tokens=len(prompt), same_prompt_tokens=prompt == spec["prompt_ids"])
     return row
 
 

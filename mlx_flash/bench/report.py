@@ -208,7 +208,8 @@ def _peer_table(rows: list[dict], several: bool) -> list[str]:
         if r.get("ours"):
             notes.append(f"ours = {r['ours']}")
         if r.get("tokens_compared") is False:
-            notes.append("other weights (GGUF): tokens not compared")
+            notes.append("GGUF, own kernels: tokens not compared"
+                         + (f" ({r['tokens_match_ours']})" if r.get("tokens_match_ours") else ""))
         ratio = r.get("ours_over_peer")
         lines.append(
             f"| {budget} | {system} | {r['strategy'] if system == 'mlx-flash' else ''} | "
