@@ -15,12 +15,12 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import platform
 from .errors import FlashError
-from .generation import Interrupted, context_limit, defer_sigint, new_cache, stream_generate
+from .generation import Interrupted, context_limit, defer_sigint, stream_generate
+from .promptcache import PromptCache
 from .state import state_of, stats_line
 from .units import mib
 
@@ -32,15 +32,6 @@ HELP = """commands:
   /help    this list
   /quit    leave (Ctrl-D too)
 Ctrl-C stops a reply and returns to the prompt."""
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ChatSession:
@@ -71,8 +62,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the history, empty the KV cache and restart the session stats."""
         self.history: list[dict] = []
-        self.cache = new_cache(self.model)
-        self.cached: list[int] = []  # the tokens the KV cache holds, in order
+        self.kv = PromptCache(self.model)  # the KV cache and the tokens it holds
         self.replies = self.tokens = self.prefilled = 0
         self.decode_s = 0.0
         self.last: dict | None = None
@@ -116,33 +106,13 @@ class ChatSession:
                                  f"tokens and the context holds {self.max_context}")
             dropped += 2  # one user message and its reply
 
-    # -- KV cache ------------------------------------------------------------------------------
+    @property
+    def cache(self) -> list:
+        return self.kv.cache
 
-    def _reuse(self, tokens: list[int]) -> int:
-        """Trim the cache to the prefix it shares with `tokens` (at least one token left to
-        feed); return the prefix length."""
-        keep = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
-        if keep < len(self.cached):
-            if can_trim_prompt_cache(self.cache):
-                trim_prompt_cache(self.cache, len(self.cached) - keep)
-            else:
-                self.cache, keep = new_cache(self.model), 0
-            self.cached = self.cached[:keep]
-        return keep
-
-    def _sync(self, known: list[int]) -> None:
-        """After a reply (finished or not), make the cache hold exactly a prefix of `known`.
-
-        Every layer trims to the shortest: a step cut short may have reached some layers only.
-        """
-        offsets = [c.offset for c in self.cache if hasattr(c, "offset")]
-        if len(offsets) != len(self.cache) or not can_trim_prompt_cache(self.cache):
-            self.cache, self.cached = new_cache(self.model), []
-            return
-        n = min(min(offsets), len(known))
-        for c in self.cache:
-            c.trim(c.offset - n)
-        self.cached = list(known[:n])
+    @property
+    def cached(self) -> list[int]:
+        return self.kv.tokens
 
     # -- a turn --------------------------------------------------------------------------------
 
@@ -161,7 +131,7 @@ class ChatSession:
         if dropped and on_notice:
             on_notice(f"context full: dropped the {dropped} oldest messages to fit "
                       f"{self.max_context} tokens")
-        keep = self._reuse(tokens)
+        keep = self.kv.reuse(tokens)
         known = list(tokens)  # what the cache holds once every yielded token is in
         pieces, out, last, interrupted = [], [], None, False
         max_tokens = min(self.max_tokens, self.max_context - len(tokens))
@@ -182,7 +152,7 @@ class ChatSession:
         except Interrupted:
             interrupted = True
         finally:
-            self._sync(known)
+            self.kv.sync(known)
         reply = "".join(pieces)
         # mlx-lm's streaming detokenizer drops the first token's leading space; put it back so
         # the next turn renders this reply to the very tokens the cache holds.

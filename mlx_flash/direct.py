@@ -162,7 +162,7 @@ def info(path: str | Path) -> dict:
 
 
 def plan(path: str | Path, memory=None, max_context: int | None = None,
-         lookahead: bool = True) -> SimpleNamespace:
+         lookahead: bool = True, kv_caches: int = 1) -> SimpleNamespace:
     """The model of the mlx-lm MoE dir `path` built lazily (nothing read but headers) and its
     budget (with the lookahead's buffer where `lookahead`): a namespace of model, config,
     switches (name, module), where (tensors), top_k, expert_bytes, max_context and budget."""
@@ -204,7 +204,8 @@ def plan(path: str | Path, memory=None, max_context: int | None = None,
     shape = SimpleNamespace(d_model=text.get("hidden_size", 0), experts=n_experts, expert_ffn=1)
     budget = Budget(
         total=parse_memory(memory, resident + experts_on_disk), model=resident + experts_on_disk,
-        resident=resident, kv_cache=kv_bytes(model, config, max_context, itemsize),
+        resident=resident, kv_cache=kv_caches * kv_bytes(model, config, max_context, itemsize),
+        kv_caches=kv_caches,
         # the reader's scratch (a token's experts, each slice widened by up to two blocks),
         # the widened slices' staging, the caches' slot of every expert, the lookahead's
         # buffer of a token's experts
@@ -227,7 +228,7 @@ def plan(path: str | Path, memory=None, max_context: int | None = None,
 def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | None = None,
          threads: int | None = None, tokenizer=None, capacity: int | None = None,
          routers: list | None = None, naive: bool = False, stream: bool = False,
-         lookahead: bool | None = None, **ignored):
+         lookahead: bool | None = None, kv_caches: int = 1, **ignored):
     """Load an mlx-lm MoE dir as (model, tokenizer) within a memory budget, its routed experts
     streamed from its own files (nothing written), or densely where the whole model fits.
 
@@ -238,7 +239,8 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
     blocks' routers (an `nn.Linear` each); `naive` reads every routed expert at every step (a
     token's experts only held); `stream` streams the experts even where the whole model fits.
     `lookahead` (default on): read the experts each MoE layer is guessed to pick (its router on
-    the layer before's input) while that layer computes (streamed.py). The model gains
+    the layer before's input) while that layer computes (streamed.py). `kv_caches`: contexts of
+    KV cache the budget reserves (a server's kept prompt caches). The model gains
     `model.flash` (mode `routed`, the budget and the per-token figures)."""
     from .loader import load_tokenizer
     from .profiles import profile_used, reader_settings
@@ -258,7 +260,7 @@ def load(path: str | Path, memory=None, mode: str = "auto", max_context: int | N
     warm_up_mlx()
     base_rss = platform.current_rss_bytes()
     lookahead = not naive if lookahead is None else lookahead and not naive
-    p = plan(path, memory, max_context, lookahead)
+    p = plan(path, memory, max_context, lookahead, kv_caches)
     model, config, switches, where, top_k = p.model, p.config, p.switches, p.where, p.top_k
     budget, max_context, expert_bytes, n_experts = p.budget, p.max_context, p.expert_bytes, \
         p.n_experts

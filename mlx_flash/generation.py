@@ -104,13 +104,16 @@ class _StopText:
     def __init__(self, stop: list[str] | None):
         self.stop = [s for s in stop or [] if s]
         self.buf = ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string completed). The stop string is dropped."""
         self.buf += text
         found = [i for s in self.stop if (i := self.buf.find(s)) >= 0]
         if found:
-            out, self.buf = self.buf[: min(found)], ""
+            at = min(found)
+            self.matched = next(s for s in self.stop if self.buf.find(s) == at)
+            out, self.buf = self.buf[:at], ""
             return out, True
         keep = max((k for s in self.stop for k in range(1, len(s))
                     if self.buf.endswith(s[:k])), default=0)
@@ -259,6 +262,8 @@ def stream_generate(
             if finish is not None and not stopped:
                 text += stopper.flush()
             stats = {"mode": state.mode, **state.stats(since=before)}
+            if stopped:
+                stats["stop_sequence"] = stopper.matched
             yield FlashResponse(**{**vars(r), "text": text, "finish_reason": finish}, stats=stats)
             if finish is not None:
                 return

@@ -164,6 +164,7 @@ class Budget:
     num_layers: int
     ffn_dim: int
     max_context: int
+    kv_caches: int = 1  # contexts of KV cache reserved (kept prompt caches: promptcache.py)
     other: int = 0  # predictors
     activations: int = 0  # a prefill step's transients (`activation_bytes`)
     prefill_tokens: int = PREFILL_TOKENS  # the prompt tokens of one prefill step
@@ -252,12 +253,13 @@ class Budget:
 
 def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
                 compute: str | None = None, layers: range | None = None,
-                resident: int | None = None, *, model) -> Budget:
+                resident: int | None = None, *, model, kv_caches: int = 1) -> Budget:
     """The budget of a flash dir; `compute` = "dequantized" (quantized records held as float
     values in the cache) makes a cached neuron cost its float size instead of its record's.
     `layers` and `resident`: a pipeline stage's layers and its share of the resident weights
     (distributed.py), whose budget covers only them (`50%model`: of its share). `model`: the
-    model built from config.json (lazily: nothing evaluated), whose caches count (`kv_bytes`)."""
+    model built from config.json (lazily: nothing evaluated), whose caches count (`kv_bytes`):
+    `kv_caches` contexts of them (a server's kept prompt caches)."""
     m = manifest
     n = m.num_layers if layers is None else len(layers)
     resident = m.resident_bytes if resident is None else resident
@@ -286,7 +288,8 @@ def plan_budget(manifest: Manifest, config: dict, memory, max_context: int,
         buffers += top_k * m.expert_ffn * m.record_bytes
     budget = Budget(
         total=parse_memory(memory, size), model=size, resident=resident,
-        kv_cache=kv_bytes(model, config, max_context, m.itemsize, layers), buffers=buffers,
+        kv_cache=kv_caches * kv_bytes(model, config, max_context, m.itemsize, layers),
+        kv_caches=kv_caches, buffers=buffers,
         dense_ffn=dense_ffn, neuron_bytes=neuron,
         num_layers=n, ffn_dim=m.ffn_dim, max_context=max_context,
     )

@@ -66,6 +66,7 @@ def load(
     max_request_bytes: int | None = None,
     compute: str | None = None,
     lookahead: bool | None = None,
+    kv_caches: int = 1,
     stage=None,
     tokenizer=None,
     bench: BenchOptions = DEFAULT_BENCH,
@@ -76,7 +77,8 @@ def load(
     default half the RAM. `mode`: `auto` (dense when the model fits the budget, else flash),
     `dense`, `naive` (whole FFN read per token), `oracle` (exact active set: the reference) or
     `predicted`. `window`: tokens whose neurons stay cached. `max_context`: tokens of KV cache
-    the budget reserves (default: the model's limit, at most 2048). `capacity` overrides the
+    the budget reserves (default: the model's limit, at most 2048), `kv_caches` times (a
+    server's kept prompt caches, promptcache.py). `capacity` overrides the
     neuron-cache rows per layer that the budget would give. The model gains `model.flash`, a
     `FlashState`: mode, budget, runtime and the per-token figures (`model.flash.stats()`).
 
@@ -135,7 +137,8 @@ def load(
     if stage is not None:
         stage.check(model)
     budget = plan_budget(manifest, text, memory, max_context, compute,
-                         *((stage.layers, stage.resident_bytes) if stage else ()), model=model)
+                         *((stage.layers, stage.resident_bytes) if stage else ()), model=model,
+                         kv_caches=kv_caches)
     if mode != "dense":
         check_memory_limit(budget.total, base_rss)
     # MLX keeps freed buffers for reuse; uncapped, the prefill's activations and the reader's

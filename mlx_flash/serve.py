@@ -1,25 +1,34 @@
-"""An OpenAI-compatible HTTP server over one loaded model: what `mlx-flash serve` runs.
+"""An HTTP server over one loaded model for the tools people point at a local model: OpenAI's
+API (`/v1/chat/completions`, `/v1/completions`) and Anthropic's (`/v1/messages`), with tool
+calls, reasoning kept apart, and prompt caches reused across requests; `mlx-flash serve`.
 
 Not mlx-lm's server (`mlx_lm.server`), which breaks a flash model's promises: it batches
 concurrent requests through `BatchGenerator` when the KV caches can merge (ours can), so a decode
 step carries several sequences where a flash FFN's step follows one (its neuron window, cache and
-per-token counters); it keeps past requests' KV caches in an LRU cache beyond the budget's
-one-context reservation; its `main` raises the wired limit for the whole process; its errors are
-not OpenAI's error objects and its responses have no room for our figures.
+per-token counters); its LRU of past requests' KV caches is not counted in any budget; its
+`main` raises the wired limit for the whole process; its errors are not OpenAI's error objects
+and its responses have no room for our figures.
 
 Here `ThreadingHTTPServer` reads and checks each request in its own thread; the thread that
 loaded the model (MLX ties a lazy array to the stream of the thread that made it) runs them from
 a FIFO queue one at a time, in arrival order, through `generation.stream_generate`, so the
 budget, `fit_context`, the flash stats and Ctrl-C between tokens hold as for `mlx-flash
-generate`. Text goes back to the request's thread over a queue; a client gone mid-stream makes a
-write fail and its generation stops at the next token.
+generate`. Each request takes the kept KV cache that shares the longest prefix with its prompt
+(promptcache.py: `--prompt-caches` of them, each a context the budget reserves) and prefills
+only the rest. Text goes back to the request's thread over a queue, where toolcalls.py splits it
+into text, reasoning and tool calls; a client gone (mid-stream, or while a whole answer is
+computed) stops its generation at the next token.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import queue
+import select
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -30,50 +39,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlx.core as mx
 
-from . import platform
-from .batch import OPTIONS
+from . import anthropic_wire, platform, wire
 from .chat import PLAIN_STOP, ChatSession
 from .errors import FlashError
 from .generation import context_limit, encode, fit_context, stream_generate
+from .promptcache import PromptCaches
 from .state import state_of
+from .toolcalls import Splitter, opens_in_reasoning
 from .units import mib
+from .wire import MAX_BODY, ROUTES, ApiError, Request
 
-MAX_BODY = 8 * 2**20
-# OpenAI request fields -> `stream_generate` keywords, each checked as a batch line's option is.
-FIELDS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
-          "temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-          "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> chat?
-
-
-class ApiError(Exception):
-    """A request the server refuses: an HTTP `status` and OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code=None):
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param,
-                          "code": self.code}}
-
-
-@dataclass
-class Request:
-    """A checked request: `prompt` is the messages (chat), a text or token ids (completion)."""
-
-    chat: bool
-    prompt: str | list
-    options: dict
-    stream: bool = False
-    usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+MESSAGES = "/v1/messages"  # Anthropic's
+POLL_S = 0.25  # how often a waiting request thread checks the server and its client
 
 
 @dataclass
 class Job:
-    """A request in the queue; the worker answers on `events`: ("start", None), ("text", str),
+    """A request in the queue; the worker answers on `events`: ("start", info), ("text", str),
     ("done", stats) or ("error", ApiError). `cancelled`: the client is gone."""
 
     request: Request
@@ -82,80 +64,16 @@ class Job:
     queued: float = field(default_factory=time.perf_counter)
 
 
-def _messages(value) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise ApiError(400, "messages must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"{where} must be an object with a role: {', '.join(ROLES)}", where)
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(400, f"{where}: only text content parts are supported", where)
-            content = "".join(p["text"] for p in content)
-        if content is None and m["role"] == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content must be a string", where)
-        out.append({"role": ROLES[m["role"]], "content": content})
-    return out
-
-
-def _prompt(value) -> str | list[int]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        value = value[0]
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
-        return value
-    raise ApiError(400, "prompt must be a string or a list of token ids (one prompt a request)",
-                   "prompt")
-
-
-def parse(path: str, body: bytes, names: tuple[str, ...]) -> Request:
-    """The request of `body` for the endpoint `path`, every field checked (ApiError if not).
-
-    `names`: the model names this server answers to (the first is the one it reports)."""
-    try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = obj.get("model")
-    if model is not None and model not in names:
-        raise ApiError(404, f"model {model!r} is not served here; this server serves "
-                       f"{names[0]!r}", "model", "model_not_found")
-    stream = obj.get("stream") or False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be true or false", "stream")
-    if obj.get("n") not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", "n")
-    options = {}
-    for key, ours in FIELDS.items():
-        if (value := obj.get(key)) is None:
-            continue
-        check, want = OPTIONS[ours]
-        if not check(value):
-            raise ApiError(400, f"{key} must be {want}", key)
-        options[ours] = value
-    if not isinstance(stream_options := obj.get("stream_options") or {}, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options")
-    chat = ROUTES[path]
-    prompt = _messages(obj.get("messages")) if chat else _prompt(obj.get("prompt"))
-    return Request(chat, prompt, options, stream, bool(stream_options.get("include_usage")))
-
-
 class Service:
-    """The model, its names and figures, and the generation loop that takes jobs in arrival
-    order and runs each to its end; the handlers share it."""
+    """The model, its names and figures, its kept prompt caches, and the generation loop that
+    takes jobs in arrival order and runs each to its end; the handlers share it."""
 
-    def __init__(self, model, tokenizer, name: str, defaults: dict, log: Callable[[str], None]):
+    def __init__(self, model, tokenizer, name: str, defaults: dict, log: Callable[[str], None],
+                 api_key: str | None = None, prompt_caches: int = 1):
         self.model, self.tokenizer, self.name, self.log = model, tokenizer, name, log
-        self.names, self.defaults = (name, "default_model"), defaults
+        self.names, self.defaults, self.api_key = (name, "default_model"), defaults, api_key
         self.chat = ChatSession(model, tokenizer)  # renders messages: template or plain turns
+        self.caches = PromptCaches(model, prompt_caches)
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.running, self.stopping = threading.Event(), threading.Event()
         self.running.set()  # cleared when `run` ends: requests still waiting then get a 503
@@ -169,6 +87,9 @@ class Service:
                 try:
                     job = self.jobs.get(timeout=0.2)
                 except queue.Empty:
+                    continue
+                if job.cancelled.is_set():  # its client left while it waited
+                    self.counts["cancelled"] += 1
                     continue
                 try:
                     self._run(job)
@@ -184,13 +105,27 @@ class Service:
         finally:
             self.running.clear()
 
+    def _render(self, req: Request) -> list[int]:
+        prefill = bool(req.extra.get("prefill"))
+        if not self.chat.template:
+            if req.tools or prefill or any(m["role"] == "tool" for m in req.prompt):
+                raise ApiError(400, "tools, tool results and a last assistant message need a "
+                               "chat template; this model's tokenizer has none", "messages")
+            return self.chat.render(req.prompt)
+        kwargs = {"tools": req.tools} if req.tools else {}
+        if prefill:  # the reply continues the last assistant message
+            kwargs.update(add_generation_prompt=False, continue_final_message=True)
+        else:
+            kwargs["add_generation_prompt"] = True
+        try:
+            return list(self.tokenizer.apply_chat_template(req.prompt, **kwargs))
+        except Exception as e:  # the template's own checks (roles, order)
+            raise ApiError(400, f"the chat template cannot render these messages: {e}",
+                           "messages") from None
+
     def _tokens(self, req: Request) -> list[int]:
         if req.chat:
-            try:
-                tokens = self.chat.render(req.prompt)
-            except Exception as e:  # the template's own checks (roles, order)
-                raise ApiError(400, f"the chat template cannot render these messages: {e}",
-                               "messages") from None
+            tokens = self._render(req)
         elif isinstance(req.prompt, str):
             tokens = encode(self.tokenizer, req.prompt)
         else:
@@ -216,34 +151,56 @@ class Service:
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if req.chat and not self.chat.template:
             stop += PLAIN_STOP  # a plain-text reply ends where a new turn starts
-        job.events.put(("start", None))
+        entry, keep = self.caches.take(tokens)
+        known = list(tokens)  # what the cache holds once every yielded token is in
+        job.events.put(("start", {"prompt_tokens": len(tokens), "cached_tokens": keep,
+                                  "reasoning": req.chat and opens_in_reasoning(self.tokenizer,
+                                                                               tokens)}))
         eos = self.tokenizer.eos_token_ids
-        n, last, cancelled = 0, None, False
-        gen = stream_generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens,
-                              stop=stop, **opts)
+        n, last, cancelled, first = 0, None, False, None
         try:
-            for last in gen:
-                n += not (last.finish_reason == "stop" and last.token in eos)
-                if last.text:
-                    job.events.put(("text", last.text))
-                if cancelled := job.cancelled.is_set():
-                    break
+            gen = stream_generate(self.model, self.tokenizer, tokens[keep:], max_tokens=max_tokens,
+                                  stop=stop, prompt_cache=entry.cache, **opts)
+            try:
+                for last in gen:
+                    first = first or time.perf_counter()
+                    known.append(last.token)
+                    n += not (last.finish_reason == "stop" and last.token in eos)
+                    if last.text:
+                        job.events.put(("text", last.text))
+                    if cancelled := job.cancelled.is_set():
+                        break
+            finally:
+                gen.close()
         finally:
-            gen.close()
+            self.caches.give(entry, known)
         self.counts["cancelled" if cancelled else "served"] += 1
-        job.events.put(("done", {
-            **last.stats, "prompt_tokens": len(tokens), "completion_tokens": n,
-            "prompt_tps": round(last.prompt_tps, 2), "tokens_per_s": round(last.generation_tps, 2),
-            "finish_reason": "cancelled" if cancelled else last.finish_reason or "length",
-            "queue_ms": round(1000 * (tic - job.queued), 1),
-            "wall_ms": round(1000 * (time.perf_counter() - tic), 1)}))
+        wall = time.perf_counter() - tic
+        stats = {**last.stats, "prompt_tokens": len(tokens), "cached_tokens": keep,
+                 "prefilled_tokens": len(tokens) - keep, "completion_tokens": n,
+                 "prompt_tps": round(last.prompt_tps, 2),
+                 "tokens_per_s": round(last.generation_tps, 2),
+                 "finish_reason": "cancelled" if cancelled else last.finish_reason or "length",
+                 "queue_ms": round(1000 * (tic - job.queued), 1),
+                 "first_token_ms": round(1000 * ((first or tic) - tic), 1),
+                 "wall_ms": round(1000 * wall, 1)}
+        self.log(f"{req.api} {'chat' if req.chat else 'completion'}: {len(tokens)} prompt tokens "
+                 f"({keep} cached), {n} generated; first token {stats['first_token_ms']:.0f} ms, "
+                 f"{stats['tokens_per_s']:.1f} tok/s, {stats['finish_reason']}, "
+                 f"{1000 * wall:.0f} ms (queued {stats['queue_ms']:.0f} ms)")
+        job.events.put(("done", stats))
 
     def health(self) -> dict:
-        """Liveness, the queue, request counts, the budget and the memory in use."""
+        """Liveness, the queue, request counts, the budget, the kept prompt caches and the
+        memory in use."""
         state = state_of(self.model)
+        budget = state.budget
         return {"status": "ok" if self.running.is_set() else "stopping", "model": self.name,
                 "mode": state.mode, "max_context": context_limit(self.model),
-                "memory_budget_bytes": state.budget.total if state.budget else None,
+                "memory_budget_bytes": budget.total if budget else None,
+                # each kept cache is one context of KV cache that the budget reserves
+                "kv_cache_reserved_bytes": budget.kv_cache if budget else None,
+                **self.caches.stats(),
                 "rss_bytes": platform.current_rss_bytes(),
                 "peak_rss_bytes": platform.peak_rss_bytes(), "loaded_rss_bytes": self.loaded_rss,
                 # the RSS before the model (what --memory does not cover)
@@ -255,9 +212,19 @@ class Service:
         return {"object": "list", "data": [{"id": self.name, "object": "model",
                                             "created": self.created, "owned_by": "mlx-flash"}]}
 
+    def authorized(self, headers) -> bool:
+        """No key set, or the request's (`Authorization: Bearer KEY` or `x-api-key: KEY`)
+        equal to it, compared in constant time."""
+        if self.api_key is None:
+            return True
+        bearer = headers.get("Authorization", "")
+        given = bearer[7:] if bearer[:7].lower() == "bearer " else headers.get("x-api-key", "")
+        return hmac.compare_digest(given.strip().encode(), self.api_key.encode())
+
 
 class Handler(BaseHTTPRequestHandler):
-    """One connection: GET /health and /v1/models; POST the two completion endpoints."""
+    """One connection: GET /health and /v1/models; POST the OpenAI completion endpoints and
+    Anthropic's /v1/messages."""
 
     server_version = "mlx-flash"
     timeout = 60  # a client that sends nothing for this long is dropped
@@ -279,10 +246,24 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _error(self, e: ApiError, api: str) -> None:
+        self.close_connection = True
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        self._json(e.status, anthropic_wire.error_body(e) if api == "anthropic" else e.body(),
+                   headers)
+
+    def _unauthorized(self) -> ApiError | None:
+        if self.service.authorized(self.headers):
+            return None
+        return ApiError(401, "invalid API key (send it as `Authorization: Bearer KEY` or "
+                        "`x-api-key: KEY`)", code="invalid_api_key")
+
     def do_GET(self) -> None:
         routes = {"/health": self.service.health, "/v1/models": self.service.models}
         if self.path not in routes:
             return self._json(404, ApiError(404, f"no such endpoint: GET {self.path}").body())
+        if self.path != "/health" and (e := self._unauthorized()):  # /health: liveness probes
+            return self._error(e, "openai")
         self._json(200, routes[self.path]())
 
     def _body(self) -> bytes:
@@ -295,87 +276,195 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def do_POST(self) -> None:
-        job = None
+        job, api = None, "anthropic" if self.path == MESSAGES else "openai"
         try:
             try:
-                if self.path not in ROUTES:
+                if self.path not in ROUTES and self.path != MESSAGES:
                     raise ApiError(404, f"no such endpoint: POST {self.path}")
-                req = parse(self.path, self._body(), self.service.names)
+                body = self._body()
+                if e := self._unauthorized():
+                    raise e
+                names = self.service.names
+                req = (anthropic_wire.parse(body, names) if api == "anthropic"
+                       else wire.parse(self.path, body, names))
                 self.service.jobs.put(job := Job(req))
-                if (event := self._next(job))[0] == "error":
-                    raise event[1]
+                kind, info = self._next(job, watch=True)
+                if kind == "error":
+                    raise info
+                if kind == "gone":
+                    return
             except ApiError as e:
-                self.close_connection = True
-                return self._json(e.status, e.body())
-            self.req, self.created = req, int(time.time())
-            self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
-            (self._stream if req.stream else self._whole)(job)
+                return self._error(e, api)
+            self.req, self.info, self.created = req, info, int(time.time())
+            self.id = (anthropic_wire.message_id() if api == "anthropic" else
+                       ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24])
+            self.split = Splitter(self.service.tokenizer, req.tools, info["reasoning"]) \
+                if req.chat else None
+            if api == "anthropic":
+                (self._anthropic_stream if req.stream else self._anthropic_whole)(job)
+            else:
+                (self._stream if req.stream else self._whole)(job)
         except OSError:  # the client is gone: its generation stops at the next token
             if job is not None:
                 job.cancelled.set()
             self.close_connection = True
 
-    def _next(self, job: Job) -> tuple[str, object]:
+    def _gone(self) -> bool:
+        """The client closed its end (a waiting socket that reads as end of file)."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _next(self, job: Job, watch: bool = False) -> tuple[str, object]:
+        """The job's next event; ("gone", None) once its client left (`watch`: checked every
+        POLL_S while nothing is written to it), its generation then cancelled."""
         while True:
+            if watch and time.perf_counter() - getattr(self, "_watched", 0.0) > POLL_S:
+                self._watched = time.perf_counter()
+                if self._gone():
+                    job.cancelled.set()
+                    self.close_connection = True
+                    return "gone", None
             try:
-                return job.events.get(timeout=1.0)
+                return job.events.get(timeout=POLL_S)
             except queue.Empty:
                 if not self.service.running.is_set():
                     return "error", ApiError(503, "the server is shutting down")
 
-    def _obj(self, text: str, finish: str | None, stream: bool = False, role: bool = False):
-        """An OpenAI response object of this request: the whole response or a stream chunk."""
+    def _pieces(self, job: Job, watch: bool):
+        """(split events of the reply's text, the last event: ("done", stats), ("error", e) or
+        ("gone", None)), reading the whole reply."""
+        events = []
+        while (event := self._next(job, watch))[0] == "text":
+            events += self.split.feed(event[1]) if self.split else [("text", event[1])]
+        if event[0] == "done" and self.split:
+            events += self.split.finish()
+        return events, event
+
+    # -- OpenAI --------------------------------------------------------------------------------
+
+    def _obj(self, finish: str | None, stream: bool = False, **fields):
+        """An OpenAI response object of this request: the whole response or a stream chunk;
+        `fields`: the message's or the delta's (content, reasoning_content, tool_calls)."""
         if not self.req.chat:
-            obj, choice = "text_completion", {"text": text, "logprobs": None}
+            obj, choice = "text_completion", {"text": fields.get("content", ""), "logprobs": None}
         elif stream:
-            delta = {"role": "assistant", "content": text} if role else {"content": text}
-            obj, choice = "chat.completion.chunk", {"delta": delta if text or role else {}}
+            obj, choice = "chat.completion.chunk", {"delta": fields}
         else:
-            obj, choice = "chat.completion", {"message": {"role": "assistant", "content": text}}
+            obj, choice = "chat.completion", {"message": {"role": "assistant", **fields}}
         return {"id": self.id, "object": obj, "created": self.created,
                 "model": self.service.name,
                 "choices": [{"index": 0, **choice, "finish_reason": finish}]}
 
     def _whole(self, job: Job) -> None:
-        pieces = []
-        while (event := self._next(job))[0] == "text":
-            pieces.append(event[1])
-        kind, value = event
+        events, (kind, value) = self._pieces(job, watch=True)
+        if kind == "gone":
+            return
         if kind == "error":
             return self._json(value.status, value.body())
-        body = self._obj("".join(pieces), value["finish_reason"])
-        body.update(usage=_usage(value), x_flash=value)
+        text = "".join(v for k, v in events if k == "text")
+        reasoning = "".join(v for k, v in events if k == "reasoning")
+        calls = [wire.tool_call(v) for k, v in events if k == "tool_call"]
+        fields = {"content": text if text or not calls else None}
+        if reasoning:
+            fields["reasoning_content"] = reasoning
+        if calls:
+            fields["tool_calls"] = calls
+        body = self._obj(wire.finish_reason(value, len(calls)), **fields)
+        body.update(usage=wire.usage(value), x_flash=value)
         self._json(200, body, {"X-Flash-Stats": json.dumps(value, separators=(",", ":"))})
 
-    def _stream(self, job: Job) -> None:
+    def _sse(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         self.close_connection = True
+
+    def _stream(self, job: Job) -> None:
+        self._sse()
         if self.req.chat:
-            self._event(self._obj("", None, stream=True, role=True))
+            self._event(self._obj(None, stream=True, role="assistant", content=""))
+        calls = 0
         while (event := self._next(job))[0] == "text":
-            self._event(self._obj(event[1], None, stream=True))
+            for kind, value in self.split.feed(event[1]) if self.split else [("text", event[1])]:
+                calls += self._delta(kind, value, calls)
         kind, value = event
         if kind == "error":  # after the headers: an error event, as OpenAI sends
             self._event(value.body())
         else:
-            self._event({**self._obj("", value["finish_reason"], stream=True), "x_flash": value})
+            for k, v in self.split.finish() if self.split else []:
+                calls += self._delta(k, v, calls)
+            self._event({**self._obj(wire.finish_reason(value, calls), stream=True),
+                         "x_flash": value})
             if self.req.usage:
-                self._event({**self._obj("", None, stream=True), "choices": [],
-                             "usage": _usage(value)})
+                self._event({**self._obj(None, stream=True), "choices": [],
+                             "usage": wire.usage(value)})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+    def _delta(self, kind: str, value, index: int) -> int:
+        """One split event as a chunk; 1 for a tool call (its index), else 0."""
+        if kind == "tool_call":
+            self._event(self._obj(None, stream=True, tool_calls=[wire.tool_call(value, index)]))
+            return 1
+        key = "reasoning_content" if kind == "reasoning" else "content"
+        self._event(self._obj(None, stream=True, **{key: value}))
+        return 0
 
     def _event(self, obj: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         self.wfile.flush()
 
+    # -- Anthropic -----------------------------------------------------------------------------
 
-def _usage(stats: dict) -> dict:
-    p, c = stats["prompt_tokens"], stats["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    def _model(self) -> str:
+        return self.req.extra.get("model") or self.service.name
+
+    def _anthropic_whole(self, job: Job) -> None:
+        events, (kind, value) = self._pieces(job, watch=True)
+        if kind == "gone":
+            return
+        if kind == "error":
+            return self._error(value, "anthropic")
+        calls = sum(k == "tool_call" for k, _ in events)
+        body = anthropic_wire.message(self.req, self.id, self._model(), events, value, calls)
+        self._json(200, {**body, "x_flash": value},
+                   {"X-Flash-Stats": json.dumps(value, separators=(",", ":"))})
+
+    def _anthropic_stream(self, job: Job) -> None:
+        self._sse()
+
+        def send(name: str, obj: dict) -> None:
+            self.wfile.write(f"event: {name}\ndata: ".encode() + json.dumps(obj).encode()
+                             + b"\n\n")
+            self.wfile.flush()
+
+        out = anthropic_wire.Events(send)
+        out.start(self.id, self._model(), self.info["prompt_tokens"], self.info["cached_tokens"])
+        calls = 0
+        while (event := self._next(job))[0] == "text":
+            for k, v in self.split.feed(event[1]):
+                calls += k == "tool_call"
+                out.piece(k, v)
+        kind, value = event
+        if kind == "error":
+            return out.error(value)
+        for k, v in self.split.finish():
+            calls += k == "tool_call"
+            out.piece(k, v)
+        out.end(value, calls)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _interrupt(signum, frame):
@@ -384,17 +473,26 @@ def _interrupt(signum, frame):
 
 def serve(model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8080,
           defaults: dict | None = None, on_ready: Callable[[str], None] | None = None,
-          log: Callable[[str], None] | None = None) -> None:
-    """Serve `model` over OpenAI's HTTP API on `host:port` (0: a free port) until Ctrl-C.
+          log: Callable[[str], None] | None = None, api_key: str | None = None,
+          prompt_caches: int = 1) -> None:
+    """Serve `model` over OpenAI's and Anthropic's HTTP APIs on `host:port` (0: a free port)
+    until Ctrl-C.
 
-    `name`: the model id clients see. `defaults`: generation options of requests that give
+    `name`: the model id clients see. `api_key`: the key every request but /health must send
+    (None: none). `prompt_caches`: KV caches kept between requests; a budgeted model should have
+    been loaded with as many (`kv_caches`), so that the budget reserves them. `defaults`: generation options of requests that give
     none (`max_tokens`, `temp`, `top_p`, `repetition_penalty`). `on_ready` receives the line
     saying where it listens; `log` one line a request. Generation runs in the calling thread,
     which must be the one that loaded `model`. SIGINT or SIGTERM stop it (the current
     generation at its next token) and `serve` returns.
     """
     defaults = {"max_tokens": 256, **{k: v for k, v in (defaults or {}).items() if v is not None}}
-    service = Service(model, tokenizer, name, defaults, log or (lambda line: None))
+    budget = state_of(model).budget
+    if budget is not None and budget.kv_caches < prompt_caches:
+        raise FlashError(f"{prompt_caches} prompt caches, but the budget reserves "
+                         f"{budget.kv_caches}: load the model with kv_caches={prompt_caches}")
+    service = Service(model, tokenizer, name, defaults, log or (lambda line: None), api_key,
+                      prompt_caches)
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
@@ -408,8 +506,14 @@ def serve(model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8080
     if on_ready:
         state = state_of(model)
         budget = f", budget {mib(state.budget.total)}" if state.budget else ""
+        caches = service.caches.size
         on_ready(f"serving {name} (mode {state.mode}{budget}, context {context_limit(model)} "
-                 f"tokens) on http://{host}:{server.server_port}/v1; Ctrl-C stops")
+                 f"tokens, {caches} prompt cache{'s' if caches > 1 else ''}) on "
+                 f"http://{host}:{server.server_port}/v1; Ctrl-C stops")
+        if not _loopback(host):
+            on_ready(f"warning: listening on {host}, reachable from other machines"
+                     + ("" if api_key else "; without --api-key anyone who reaches it can use "
+                        "it"))
     try:
         service.run()
     except KeyboardInterrupt:

@@ -155,3 +155,34 @@ def test_experts_are_refused(case, tmp_path):
                    lambda: load_model(src)):
         with pytest.raises(FlashError, match="mlx_lm convert"):
             action()
+
+
+def test_a_kept_cache_is_reused_where_the_prompt_extends_it(case):
+    """The server's prompt caches on a hybrid model: the linear-attention state cannot be cut
+    back, so a kept cache is reused only by a prompt that extends every token it holds; then
+    the reply equals a fresh prefill's."""
+    from mlx_flash import load as load_any
+    from mlx_flash.generation import stream_generate
+    from mlx_flash.promptcache import PromptCaches
+
+    def reply(model, tok, ids, cache=None):
+        return [r.token for r in stream_generate(model, tok, ids, max_tokens=4,
+                                                 prompt_cache=cache)]
+
+    path, ids = case[0], case[1]
+    model, tok = load_any(path)
+    caches = PromptCaches(model, 1)
+    entry, keep = caches.take(ids)
+    assert keep == 0
+    caches.give(entry, ids + reply(model, tok, ids, entry.cache))
+    held = caches.entries[0].tokens
+    assert len(held) > len(ids)
+    longer = held + [5, 6, 7]
+    entry, keep = caches.take(longer)
+    assert keep == len(held)
+    reused = reply(model, tok, longer[keep:], entry.cache)
+    assert reused == reply(model, tok, longer)
+    caches.give(entry, longer + reused)
+    entry, keep = caches.take(ids[:-1] + [9, 10])
+    assert keep == 0 and entry.tokens == [] and all(
+        getattr(c, "offset", 0) == 0 for c in entry.cache)

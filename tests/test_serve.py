@@ -222,3 +222,22 @@ def test_chat_template_and_clean_ctrl_c(templated, tmp_path):
     assert time.monotonic() - tic < 15
     assert server.proc.returncode == 0 and "Traceback" not in log
     assert log.rstrip().splitlines()[-1] == "server stopped"
+
+
+def test_a_client_gone_before_its_whole_answer_stops_the_generation(server):
+    """A non-streamed request whose client hangs up: nothing is written to it until the end, so
+    the server watches its socket and cancels the generation at the next token."""
+    before = server.get("/health")["requests"]
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "The open() function", "max_tokens": 250,
+                       "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.5)  # the generation has begun
+    for _ in range(100):
+        after = server.get("/health")["requests"]
+        if after["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.1)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["served"] == before["served"]

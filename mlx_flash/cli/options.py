@@ -175,7 +175,8 @@ def model_path(model: str | None, progress: bool = True) -> Path:
 
 def load_model(model: str | None = None, memory=None, mode: str = "auto", window=None,
                max_context=None, progress: bool = True, compute: str | None = None,
-               lookahead: bool | None = None, layers_split: str | None = None):
+               lookahead: bool | None = None, layers_split: str | None = None,
+               kv_caches: int = 1):
     """(model, tokenizer) for the load options, with a note when the budget changes the plan.
     Under `mlx.launch -n N` (rank 0: see ranks.py), this rank's layers of a pipeline."""
     from .. import distributed
@@ -189,6 +190,8 @@ def load_model(model: str | None = None, memory=None, mode: str = "auto", window
                          "`mlx.launch -n N`; this is a single process")
     path = model_path(model, progress)
     extra = {k: v for k, v in (("compute", compute), ("lookahead", lookahead)) if v is not None}
+    if kv_caches > 1:  # a server's kept prompt caches, each a context inside the budget
+        extra["kv_caches"] = kv_caches
     if group is not None:
         m, tok = distributed.load(path, group, layers_split, memory=memory, mode=mode,
                                   window=window, max_context=max_context, **extra)
