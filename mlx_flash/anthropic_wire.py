@@ -157,7 +157,7 @@ def content(events: list) -> list[dict]:
     return blocks or [{"type": "text", "text": ""}]
 
 
-def message(req: Request, msg_id: str, model: str, events: list, stats: dict, calls: int) -> dict:
+def message(msg_id: str, model: str, events: list, stats: dict, calls: int) -> dict:
     reason, sequence = stop_reason(stats, calls)
     return {"id": msg_id, "type": "message", "role": "assistant", "model": model,
             "content": content(events), "stop_reason": reason, "stop_sequence": sequence,

@@ -87,18 +87,21 @@ class Splitter:
         where the end marker would be), else the text as it is."""
         text, self.buf = self.buf, ""
         if self.state == TOOL:
-            calls = self._calls(text)
             self.state = TEXT
-            return calls or [(TEXT, self.opens[TOOL][0] + text)] if text.strip() else calls
+            return self._calls(text, closed=False)
         return self._emit(text)
 
-    def _calls(self, text: str) -> list:
-        """The tool calls of one marked span; a span the parser cannot read is kept as text."""
+    def _calls(self, text: str, closed: bool = True) -> list:
+        """The tool calls of one marked span; a span the parser cannot read (or an empty one)
+        is kept as text, with the markers it had."""
+        start, end = self.opens[TOOL]
+        as_text = [(TEXT, start + text + (end if closed else ""))]
+        if not text.strip():
+            return as_text
         try:
             parsed = self.parser(text, self.tools)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            start, end = self.opens[TOOL]
-            return [(TEXT, start + text + end)]
+            return as_text
         out = []
         for call in parsed if isinstance(parsed, list) else [parsed]:
             if not isinstance(call, dict) or "name" not in call:
