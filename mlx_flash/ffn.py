@@ -45,6 +45,9 @@ class FlashRuntime:
         self.window = window
         self.act = activations.mlx_fn(act)
         self.exact_sparse = activations.is_exact_sparse(act)
+        # the overflow's runs read whole from this share wanted; sketch mode reads its top share
+        # only (the neurons it leaves out are what it saves)
+        self.bridge_density = 1.0 if mode == "sketch" else BRIDGE_DENSITY
         # bundled=False (benchmarks): each record part is its own read, as separate matrices.
         spans = None if bundled else _part_spans(manifest)
         if mapped:  # benchmarks: the mmap baseline of an MoE (page cache, no direct reads)
@@ -344,7 +347,7 @@ class FlashMLP(nn.Module):
         streamed_s = overflow_wait = 0.0  # the overflow: its reads, overlapping its compute
         if len(overflow):
             t2 = time.perf_counter()
-            pieces, keeps = _bridge(overflow, rt.chunk.shape[0])
+            pieces, keeps = _bridge(overflow, rt.chunk.shape[0], rt.bridge_density)
             extra, overflow_wait = self._stream(
                 x, pieces, lambda i, out: reader.read(self.offset, i, out), keeps)
             y = (y.astype(mx.float32) + extra).astype(x.dtype)
@@ -359,6 +362,7 @@ class FlashMLP(nn.Module):
         # the overflow's time (its reads waited for, and its compute) is not cache work
         cache_s = time.perf_counter() - t1 - wait_s - cache_io_s - streamed_s
         rt.stats.overflow += len(overflow)
+        rt.stats.computed += self.cache.num_used + len(overflow)  # every cached row computes
         self._count_decode(io + early, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted,
                            wait_s=wait_s + cache_io_s + overflow_wait)
         return y
@@ -387,16 +391,17 @@ class _Follower:
         self.layer = layer
 
 
-def _bridge(ids: np.ndarray, rows: int) -> tuple[list[np.ndarray], list]:
+def _bridge(ids: np.ndarray, rows: int, density: float = BRIDGE_DENSITY
+            ) -> tuple[list[np.ndarray], list]:
     """Sorted `ids` cut into pieces of at most `rows` neurons, and each piece's mask: a run of
-    `rows` ids from the first one left is read whole where BRIDGE_DENSITY of it is wanted (mask:
-    the wanted ones), else the next `rows` ids are read as they are (mask None)."""
+    `rows` ids from the first one left is read whole where `density` of it is wanted (mask: the
+    wanted ones), else the next `rows` ids are read as they are (mask None)."""
     pieces, keeps, i = [], [], 0
     while i < len(ids):
         lo = int(ids[i])
         j = int(np.searchsorted(ids, lo + rows))  # ids[i:j] lie in [lo, lo + rows)
         span = int(ids[j - 1]) - lo + 1
-        if j - i > 1 and span > j - i and (j - i) >= BRIDGE_DENSITY * span:
+        if j - i > 1 and span > j - i and (j - i) >= density * span:
             run = np.arange(lo, lo + span)
             keep = np.zeros((1, span), dtype=np.float32)
             keep[0, ids[i:j] - lo] = 1

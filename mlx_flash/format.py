@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import models, platform
 from .dtypes import BY_NAME, BY_SAFETENSORS, FLOATS
-from .errors import FormatError
+from .errors import FlashError, FormatError
 from .layout import (  # noqa: F401  (the layout's names are part of this module's API)
     CONFIG_FILE,
     DEFAULT_ALIGNMENT,
@@ -82,6 +83,27 @@ def write_atomic(file: Path, text: str, with_file: tuple[Path, Path] | None = No
         partial.unlink(missing_ok=True)
         if with_file is not None:
             with_file[0].unlink(missing_ok=True)
+
+
+def write_partial_safetensors(file: Path, tensors: dict[str, mx.array],
+                              metadata: dict[str, str]) -> tuple[Path, int]:
+    """Write `tensors` to `*.partial.safetensors` beside `file` (mx.save_safetensors wants the
+    suffix), flushed to disk; returns (the partial file, its CRC-32). The caller renames it into
+    place with the manifest update (`update_manifest(with_file=...)`); a failed write leaves
+    nothing behind and is one FlashError."""
+    partial = file.with_name(file.stem + ".partial.safetensors")
+    try:
+        mx.save_safetensors(str(partial), tensors, metadata=metadata)
+        crc = 0
+        with open(partial, "rb") as f:  # a chunk at a time: a large model's file is GBs
+            os.fsync(f.fileno())
+            while chunk := f.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+    except (RuntimeError, OSError) as e:  # MLX reports a failed write as a RuntimeError
+        partial.unlink(missing_ok=True)
+        raise FlashError(f"{file.parent}: cannot write {file.name} ({str(e).strip()}); is the "
+                         "disk full? The model dir is unchanged") from None
+    return partial, crc
 
 
 def is_flash_dir(path: str | Path) -> bool:
@@ -476,6 +498,8 @@ def info(path: str | Path) -> dict[str, Any]:
         "resident_tensors": len(m.resident_tensors),
         "source": m.source,
         "calibrated": _calibration(m.extra.get("predictors")),
+        "sketch": (f"{sk.get('bits')}-bit, top {sk.get('keep')} of each layer per token"
+                   if isinstance(sk := m.extra.get("sketch"), dict) else None),
         "checksums": isinstance(m.extra.get("checksums"), dict),
         "verified": (m.extra.get("verified") or {}).get("at"),
     }

@@ -188,7 +188,11 @@ class Budget:
 
     @property
     def capacity(self) -> int:
-        free = self.free_for_cache
+        return self.capacity_with(0)
+
+    def capacity_with(self, other: int) -> int:
+        """The cache rows per layer if `other` more bytes were held (a sketch's)."""
+        free = self.free_for_cache - other
         return max(0, min(self.ffn_dim, free // (self.num_layers * self.neuron_bytes)))
 
     @property

@@ -7,8 +7,6 @@ calibrate`) and writes `predictors.safetensors` with `save_predictors`.
 from __future__ import annotations
 
 import math
-import os
-import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -177,18 +175,7 @@ def parse_ranks(spec: str | int | None, num_layers: int, d_model: int, ffn_dim: 
 
 
 def write_predictors(file: Path, tensors: dict[str, mx.array]) -> tuple[Path, int]:
-    """Write the predictors to `*.partial.safetensors` beside `file` (mx.save_safetensors wants
-    the suffix), flushed to disk; returns (the partial file, its CRC-32). The caller renames it
-    into place with the manifest update (`format.update_manifest(with_file=...)`)."""
-    partial = file.with_name(file.stem + ".partial.safetensors")
-    try:
-        mx.save_safetensors(str(partial), tensors, metadata={
-            "format": "mlx-flash predictors", "version": str(PREDICTORS_VERSION)})
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-            crc = zlib.crc32(f.read())
-    except (RuntimeError, OSError) as e:  # MLX reports a failed write as a RuntimeError
-        partial.unlink(missing_ok=True)
-        raise FlashError(f"{file.parent}: cannot write {file.name} ({str(e).strip()}); is the "
-                         "disk full? The model dir is unchanged") from None
-    return partial, crc
+    """Write the predictors beside `file` as a flushed partial file; returns (it, its CRC-32)
+    for the caller to rename into place with the manifest update."""
+    return fmt.write_partial_safetensors(file, tensors, {
+        "format": "mlx-flash predictors", "version": str(PREDICTORS_VERSION)})

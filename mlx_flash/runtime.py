@@ -25,11 +25,12 @@ from .loader import build_model, load_dense, load_tokenizer, quantize_modules
 from .lookahead import Prefetch
 from .memory import Budget, lookahead_row_bytes, plan_budget
 from .profiles import profile_used, reader_settings
+from .sketch import DEFAULT_KEEP, expected_saving, has_sketch, load_sketch, sketch_bytes
 from .state import FlashState, FlashStats
 from .storage import aligned_empty
 from .units import format_bytes
 
-MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted")
+MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted", "sketch")
 DEFAULT_WINDOW = 4
 # `auto` runs a non-ReLU model's predictors only where they are expected to save at least this
 # share of the exact path's reads: below it they cost quality for almost nothing (SmolLM2 at
@@ -155,6 +156,28 @@ def load(
                              "experts stream in `auto` (routed) or `naive` mode")
         mode = "naive" if mode == "naive" else "routed"
         predictors = None
+    elif mode == "sketch" or (mode == "auto" and predictors is None and has_sketch(manifest)
+                              and not activations.is_exact_sparse(spec.activation(text))):
+        # a gated FFN without exact zeros: its low-bit sketch picks each token's top share,
+        # where it fits and is expected to save MIN_PREDICTED_SAVING of the exact path's reads
+        if not has_sketch(manifest):  # --mode sketch on a dir without one: say how to make it
+            load_sketch(manifest, spec.activation(text))
+        exact_rows = budget.capacity
+        budget.other = sketch_bytes(manifest)
+        keep = bench.keep or manifest.extra["sketch"].get("keep", DEFAULT_KEEP)
+        saving = expected_saving(manifest, exact_rows, budget.capacity, keep)
+        if mode == "auto" and capacity is None and (budget.capacity < 1
+                                                    or saving < MIN_PREDICTED_SAVING):
+            note = ("note: every neuron is computed (the exact path): " + (
+                f"the budget leaves no room for the sketch ({format_bytes(budget.other)})"
+                if budget.capacity < 1 else f"at this budget the sketch is expected to read "
+                f"{1 - saving:.2f}x its bytes per token (the sketch's memory would shrink the cache"
+                + (", and its records share blocks)" if manifest.packed else ")"))
+                + "; --mode sketch runs it")
+            mode, budget.other = "oracle", 0
+        else:
+            predictors = load_sketch(manifest, spec.activation(text), bench.keep)
+            mode = "sketch"
     elif mode in ("auto", "predicted"):
         from .predictor import PREDICTORS_FILE, load_predictors
 
@@ -172,7 +195,7 @@ def load(
     if lookahead is None:
         lookahead = bool(manifest.experts)
     ahead_rows = 0  # dense lookahead: its buffers come out of the budget before the caches
-    if lookahead and not manifest.experts and mode in ("oracle", "predicted"):
+    if lookahead and not manifest.experts and mode in ("oracle", "predicted", "sketch"):
         ahead_rows = budget.plan_lookahead(
             lookahead_row_bytes(manifest.record_bytes, manifest.packed))
     act = spec.activation(text)
@@ -204,6 +227,16 @@ def load(
                     f"exact oracle's input projections ({format_bytes(inputs)}): each layer's "
                     "first neurons stay cached and the rest are read every token (hybrid; run "
                     "`mlx-flash calibrate`)")
+    if (asked == "auto" and mode == "oracle" and not exact_sparse and note is None
+            and not manifest.experts and capacity is None and not has_sketch(manifest)
+            and manifest.d_model % 32 == 0):
+        # a gated FFN computed whole where a sketch would read less: say how to make one
+        rows = budget.capacity_with(sketch_bytes(manifest, planned=True))
+        saving = expected_saving(manifest, budget.capacity, rows, DEFAULT_KEEP)
+        if rows >= 1 and saving >= MIN_PREDICTED_SAVING:
+            note = (f"note: every neuron is computed (the exact path); at this budget a sketch "
+                    f"would read about {saving:.0%} less per token, for a little perplexity: "
+                    f"run `mlx-flash sketch {path}`")
     if capacity is None:
         if manifest.experts:  # whole experts, at least the top-k experts of one token
             budget.require_experts(manifest.expert_ffn, top_k)

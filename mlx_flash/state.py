@@ -36,6 +36,7 @@ class FlashStats:
     misses: int = 0
     evictions: int = 0
     overflow: int = 0  # active neurons read past the cache because it was full
+    computed: int = 0  # neurons the decode computed: the cached ones and the overflow
     guessed: int = 0  # MoE lookahead: experts guessed for the next layer
     guessed_right: int = 0  # of those, the ones its router then chose (dense: records used)
     needed: int = 0  # dense lookahead: records the guessed layers loaded (read early or not)
@@ -90,6 +91,7 @@ class FlashStats:
             "cache_hit_rate": round(self.hits / looked_up, 4) if looked_up else None,
             "evictions_per_token": round(self.evictions / n, 2),
             "overflow_neurons_per_token": round(self.overflow / n, 2),
+            "computed_neurons_per_token": round(self.computed / n, 2),
             "prefill_tokens": self.prefill_tokens,
             "prefill_flash_bytes": self.prefill_io.bytes,
         }

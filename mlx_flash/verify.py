@@ -52,11 +52,12 @@ def verify(path: str | Path, progress: bool = True) -> dict:
               for i, off in enumerate(m.layer_offsets)]
     spans.append((fmt.RESIDENT_FILE, "-", m.resident_path, 0, m.resident_bytes,
                   sums.get("resident")))
-    predictors = m.extra.get("predictors")
-    if isinstance(predictors, dict) and "crc32" in predictors:
-        file = m.path / predictors.get("file", "predictors.safetensors")
-        if file.is_file():
-            spans.append((file.name, "-", file, 0, file.stat().st_size, predictors["crc32"]))
+    for key in ("predictors", "sketch"):  # files written after convert, each with its CRC
+        entry = m.extra.get(key)
+        if isinstance(entry, dict) and "crc32" in entry:
+            file = m.path / entry.get("file", f"{key}.safetensors")
+            if file.is_file():
+                spans.append((file.name, "-", file, 0, file.stat().st_size, entry["crc32"]))
     bad = []
     tic = time.perf_counter()
     with tqdm(total=sum(s[4] for s in spans), desc="verify", unit="B", unit_scale=True,
@@ -68,6 +69,7 @@ def verify(path: str | Path, progress: bool = True) -> dict:
         name, part = bad[0]
         more = f" (and {len(bad) - 1} more parts)" if len(bad) > 1 else ""
         fix = ("re-run `mlx-flash calibrate`" if name.startswith("predictors")
+               else "re-run `mlx-flash sketch`" if name.startswith("sketch")
                else "re-run `mlx-flash convert` on the source checkpoint")
         raise FormatError(name, part, f"checksum mismatch: its bytes changed after they were "
                           f"written{more}", fix)

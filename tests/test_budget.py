@@ -71,12 +71,11 @@ def _random_moe(out: Path, model_type: str = "qwen3_moe", args: dict = MOE) -> P
 
 
 @pytest.fixture(scope="module")
-def kinds(root):
+def kinds(root, smol, smol_f16):
     """kind -> (flash dir, --memory, strategy, prompt tokens). The 4-bit dense dir prefills a
     short prompt here: MLX's CPU quantized matmul takes ~9 minutes over 512 tokens of SmolLM2
     streamed (its 512-token row, within the budget too, is in docs/BENCHMARKS.md)."""
-    smol16 = convert(str(GGUF), out=root / "smol16", quantize=0, progress=False)
-    smol4 = convert(str(GGUF), out=root / "smol4", progress=False)
+    smol16, smol4 = smol_f16, smol  # the session's conversions of the SmolLM2 GGUF
     moe = _random_moe(root / "moe-mlx")
     hybrid = _random_moe(root / "hybrid-mlx", "qwen3_next", HYBRID)
     for name in ("tokenizer.json", "tokenizer_config.json"):

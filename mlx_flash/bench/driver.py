@@ -18,6 +18,7 @@ from .. import platform
 from ..direct import streamable
 from ..errors import FlashError
 from ..format import is_flash_dir
+from ..sketch import sketch_bytes
 from .costmodel import CostModel
 from .mmap import _checkpoint_files
 from .report import _add_cost_model, _add_ratios, _targets
@@ -224,7 +225,8 @@ def _run_strategy(name, path, m, budget, mem, tokens, prompt, window, max_contex
     budget (flash strategies, mmap) or, for the others and at an unlimited budget, only there
     for the group's peak."""
     reason = _unavailable(name, budget, has_predictors, ckpt, parent, limit,
-                          experts=bool(m.experts), zero_copy=zero_copy)
+                          experts=bool(m.experts), zero_copy=zero_copy,
+                          sketch=0 if zero_copy else sketch_bytes(m))
     if mem is None and name == "mmap" and not reason:
         reason = "the budget is unlimited (none): mmap-nolimit is the mapping without a limit"
     if reason:

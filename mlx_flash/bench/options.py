@@ -20,6 +20,8 @@ class BenchOptions:
     # predicted mode: the caches' rows shared out by each layer's calibrated active fraction
     # (`runtime.layer_capacities`; measured: no gain, docs/BENCHMARKS.md)
     per_layer: bool = False
+    # sketch mode: the share of each layer's neurons a token computes, instead of the manifest's
+    keep: float | None = None
 
 
 DEFAULT = BenchOptions()

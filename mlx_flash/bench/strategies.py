@@ -6,7 +6,7 @@ from .. import platform
 from ..errors import FlashError
 
 STRATEGIES = ("dense", "naive", "hybrid", "predicted", "+window", "+bundling", "+cache", "all",
-              "+lookahead", "mmap", "mmap-nolimit")
+              "+lookahead", "sketch", "mmap", "mmap-nolimit")
 # An MoE's: every routed expert read per token, + the expert cache, + lookahead and the probed
 # reader (`all`), and the mmap baseline over the flash dir's own records
 MOE_STRATEGIES = ("dense", "naive", "+cache", "all", "mmap")
@@ -25,6 +25,9 @@ FLASH = {  # runtime.load keywords per flash strategy; "probed": reader settings
     "all": dict(mode="predicted", bundled=True, probed=True),
     # a dense model's `all` + the lookahead (off by default: runtime.load)
     "+lookahead": dict(mode="predicted", bundled=True, probed=True, lookahead=True),
+    # a gated FFN's top share per token by its low-bit sketch (`mlx-flash sketch`), the rest as
+    # `all` (window, bundles, the probed reader)
+    "sketch": dict(mode="sketch", bundled=True, probed=True),
 }
 PREDICTED = ("predicted", "+window", "+bundling", "all", "+lookahead")
 
@@ -48,7 +51,8 @@ def parse_strategies(spec: str | list[str] | None, experts: bool = False,
 
 
 def _unavailable(name, budget, has_predictors, ckpt, parent, limit, experts=False,
-                 zero_copy=False) -> str | None:
+                 zero_copy=False, sketch: int = 0) -> str | None:
+    """Why strategy `name` cannot run here (None: it can); `sketch`: the dir's sketch bytes."""
     dense = budget.resident + budget.dense_ffn
     if name == "dense" and dense > 0.75 * platform.physical_memory_bytes():
         return f"the dense model ({dense / 1e9:.1f} GB) does not fit in this machine's memory"
@@ -61,6 +65,11 @@ def _unavailable(name, budget, has_predictors, ckpt, parent, limit, experts=Fals
         return "the budget does not hold the resident weights (raise --memory)"
     if name in PREDICTED and not (has_predictors or experts):
         return "no predictors in the model dir (run `mlx-flash calibrate`)"
+    if name == "sketch" and not experts:
+        if not sketch:
+            return "no sketch in the model dir (run `mlx-flash sketch`)"
+        if budget.capacity_with(sketch) < 1:
+            return "the budget leaves no room for the sketch beside the resident weights"
     if name.startswith("mmap") and ckpt is None and not experts:
         return "no dense safetensors checkpoint of the same weights (pass --checkpoint)"
     if name == "mmap" and parent is None:

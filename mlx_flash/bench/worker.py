@@ -231,7 +231,7 @@ def _worker(spec: dict) -> dict:
             row["copied_bytes_per_token"] = row.pop("flash_bytes_per_token")
             if read0 is not None:
                 row["flash_bytes_per_token"] = round((read1 - read0) / n)
-        elif FLASH[name]["mode"] == "predicted":
+        elif FLASH[name]["mode"] in ("predicted", "sketch"):
             row["fresh_fraction"] = round((s.misses + s.overflow) / max(s.tokens, 1) / neurons, 4)
             row["held_fraction"] = round(sum(mlp.cache.num_used for mlp in model.flash.runtime.layers)
                                          / neurons, 4)

@@ -1,4 +1,4 @@
-"""Commands that make or describe a flash dir: convert, info, verify, calibrate."""
+"""Commands that make or describe a flash dir: convert, info, verify, calibrate, sketch."""
 
 from __future__ import annotations
 
@@ -125,3 +125,34 @@ def calibrate(
             line += f"  | {out['predicted_active_fraction']:>29.3f}  {out['recall']:>6.3f}"
         typer.echo(line)
     typer.echo(f"wrote {Path(path) / 'predictors.safetensors'}")
+
+
+@app.command()
+@friendly
+def sketch(
+    path: FlashDirArg,
+    bits: Annotated[int, typer.Option("--bits", help="Bits per weight of the sketch: 2, 3, 4 or 8 (MLX affine groups of 64 along d_model).")] = 4,
+    keep: Annotated[float, typer.Option("--keep", min=0.01, max=1.0, help="Share of each layer's neurons a token computes (its top ones by the sketch's |act(gate)*up|). Only this is rewritten when a sketch of these bits exists.")] = 0.6,
+    as_json: JsonOpt = False,
+):
+    """Write the low-bit sketch of a gated FFN's gate/up rows: the predictor of models whose
+    every neuron is active (SiLU/GELU). Per token it ranks the neurons and only the top --keep
+    share is read and computed exactly. No data or training; it stays in memory (4-bit: 19% of
+    the FFN's float16 bytes), and `auto` runs it where the --memory budget has room."""
+    from .. import format as fmt
+    from ..sketch import sketch_bytes, write_sketch
+
+    r = write_sketch(path, bits=bits, keep=keep, progress=not as_json)
+    m = fmt.read_manifest(path)
+    r["memory_bytes"] = sketch_bytes(m)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    what = "wrote" if r["rewritten"] else "kept (new --keep only)"
+    typer.echo(f"{what} {r['path']}: {bits}-bit, {format_bytes(r['memory_bytes'])} in memory, "
+               f"top {r['keep']:.0%} of each layer's neurons per token")
+    if m.packed and m.record_bytes < m.alignment:
+        typer.echo(f"note: this dir's {m.record_bytes}-byte records share {m.alignment}-byte "
+                   "blocks, so a token's scattered choice reads most blocks and `auto` keeps "
+                   "the exact path; `mlx-flash convert --layout aligned` gives each record its "
+                   "own block (docs/BENCHMARKS.md)", err=True)

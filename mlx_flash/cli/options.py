@@ -32,10 +32,12 @@ MemoryOpt = Annotated[
 ]
 ModeOpt = Annotated[
     str,
-    typer.Option("--mode", help="auto (dense if the budget holds the model, else predicted, or "
-                 "oracle without predictors), dense, naive (the whole FFN read per token), "
-                 "hybrid (the budget's share of each layer resident, the rest read per token), "
-                 "oracle (the exact active neurons: a correctness reference) or predicted. "
+    typer.Option("--mode", help="auto (dense if the budget holds the model, else sketch or "
+                 "predicted where the dir has one, else oracle), dense, naive (the whole FFN "
+                 "read per token), hybrid (the budget's share of each layer resident, the rest "
+                 "read per token), oracle (the exact active neurons: a correctness reference), "
+                 "predicted (the calibrated predictors) or sketch (`mlx-flash sketch`: each "
+                 "token's top share of a gated FFN's neurons). "
                  "A mixture of experts runs routed (auto, oracle, predicted: the router's "
                  "experts through the expert cache) or naive (every routed expert read)."),
 ]
