@@ -69,8 +69,26 @@ class FlashRuntime:
         self._stage = ([aligned_empty(rows, p.nbytes) for p in manifest.parts]
                        if manifest.quantization is None else [])
         self.layers: list[FlashMLP] = []
+        # values mode (an 8-bit sketch, sketch.py): each record's down span alone is read
+        self.down_reader: FlashReader | None = None
         # the reads started a layer early: moe.Lookahead (MoE) or lookahead.Prefetch (dense)
         self.lookahead = None
+
+    def read_values(self, threads: int, max_request_bytes: int) -> None:
+        """Values mode: the caches hold each neuron's down row only, read by a reader of its
+        own that fetches each record's down span (widened to the direct-I/O blocks)."""
+        m = self.manifest
+        lo, hi = m.part(self.spec.column_part.name).span
+        if not m.packed:
+            align = platform.direct_io_alignment()
+            lo, hi = lo // align * align, -(-hi // align) * align
+        self.down_reader = FlashReader(m.ffn_path, m.record_bytes, threads,
+                                       max_request_bytes=max_request_bytes, part_spans=[(lo, hi)])
+
+    @property
+    def cache_reader(self) -> FlashReader:
+        """What fills the neuron caches: the down reader in values mode."""
+        return self.down_reader or self.reader
 
     def read_in_background(self, read, *args) -> Future:
         """`read(*args)` on the stream thread (one read at a time, in order)."""
@@ -93,6 +111,8 @@ class FlashRuntime:
             self.lookahead.close()
         self._stream_pool.shutdown(wait=True)
         self.reader.close()
+        if self.down_reader is not None:
+            self.down_reader.close()
 
 
 def _part_spans(m: Manifest) -> list[tuple[int, int]]:
@@ -215,6 +235,8 @@ class FlashMLP(nn.Module):
             y = self._streamed(x2, count_as_prefill=shape[1] > 1)
             if shape[1] > 1 and rt.mode not in ("naive", "hybrid"):
                 self._seed_window(x2[-rt.window :])
+        elif rt.down_reader is not None:
+            y = self._decode_values(x2)
         else:
             y = self._decode(x2)
         if self._out_bias is not None:
@@ -304,13 +326,14 @@ class FlashMLP(nn.Module):
     def _seed_window(self, x_last: mx.array) -> None:
         """After prefill, hold the neurons of the last `window` prompt tokens."""
         rt = self._rt
-        before = rt.reader.snapshot()
+        reader = rt.cache_reader
+        before = reader.snapshot()
         for row in range(x_last.shape[0]):
             ids, _ = self._split_overflow(self._active(x_last[row : row + 1]))
-            self.cache.ensure(ids, self._step, rt.reader, self.offset)
+            self.cache.ensure(ids, self._step, reader, self.offset)
             self._step += 1
         self.cache.slide(self._step - 1, rt.window)
-        rt.stats.prefill_io = rt.stats.prefill_io + rt.reader.delta(before)  # the prompt's reads
+        rt.stats.prefill_io = rt.stats.prefill_io + reader.delta(before)  # the prompt's reads
 
     def _split_overflow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids the cache takes, ids beyond its capacity). Cached ones are kept first."""
@@ -366,6 +389,44 @@ class FlashMLP(nn.Module):
         self._count_decode(io + early, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted,
                            wait_s=wait_s + cache_io_s + overflow_wait)
         return y
+
+    def _decode_values(self, x: mx.array) -> mx.array:
+        """Values mode: the sketch's act(gate)*up of its top share (and of every neuron the
+        window holds) times their down rows, cached or read (the down span only)."""
+        rt, m = self._rt, self._rt.manifest
+        t0 = time.perf_counter()
+        hidden, ids = self.predictor.top(x)  # the layer's one device->host sync
+        h = hidden.astype(x.dtype)
+        t1 = time.perf_counter()
+        reader = rt.down_reader
+        before = reader.snapshot()
+        ids, overflow = self._split_overflow(ids)
+        stats = self.cache.ensure(ids, self._step, reader, self.offset)
+        self.cache.slide(self._step, rt.window)
+        self._step += 1
+        cache_io_s = reader.delta(before).seconds
+        down = self.cache.part_weights(m.mx_dtype)[0]  # (num_used, d)
+        y = _times(h[:, mx.array(self.cache.ids())], down).astype(mx.float32)
+        streamed_s = 0.0
+        if len(overflow):  # beyond the cache: read a buffer's worth at a time, computed at once
+            t2 = time.perf_counter()
+            lo, hi = self._column_part.span
+            rows = rt.chunk.shape[0]
+            for a in range(0, len(overflow), rows):
+                piece = overflow[a : a + rows]
+                out = rt.chunk_np[: len(piece)]
+                reader.read(self.offset, piece, out)
+                column = mx.array(np.ascontiguousarray(out[:, lo:hi])).view(m.mx_dtype)
+                y = y + _times(h[:, mx.array(piece)], column).astype(mx.float32)
+                mx.eval(y)  # the buffer is read into again by the next piece
+            streamed_s = time.perf_counter() - t2
+        io = reader.delta(before)
+        cache_s = time.perf_counter() - t1 - cache_io_s - streamed_s
+        rt.stats.overflow += len(overflow)
+        rt.stats.computed += self.cache.num_used + len(overflow)
+        self._count_decode(io, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted,
+                           wait_s=cache_io_s + streamed_s)
+        return y.astype(x.dtype)
 
     def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted,
                       wait_s: float | None = None) -> None:
@@ -433,6 +494,8 @@ def _new_cache(rt: FlashRuntime, capacity: int) -> NeuronCache:
     quantized records keep packed values, scales and biases apart, or are dequantized on insert."""
     m = rt.manifest
     spans = [p.span for p in m.parts]
+    if rt.down_reader is not None:  # values mode: the down rows only
+        spans = [m.part(rt.spec.column_part.name).span]
     if m.quantization is None:
         return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans, staging=rt.chunk_np)
     d = m.d_model

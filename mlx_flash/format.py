@@ -423,11 +423,16 @@ def read_layer_records(m: Manifest, layer: int, start: int = 0, count: int | Non
 
 
 def load_resident(m: Manifest, names=None) -> dict[str, mx.array]:
-    """The resident tensors (or those in `names`) as MLX arrays, each read straight into its own
-    memory around the page cache (`platform.read_uncached`): under a memory limit that counts
-    page cache (Linux cgroups) the weights are held once, not also as cached file pages, as
-    `mx.load` leaves them."""
-    header, start = read_safetensors_header(m.resident_path, RESIDENT_FILE)
+    """The resident tensors (or those in `names`) as MLX arrays (`load_uncached`)."""
+    return load_uncached(m.resident_path, RESIDENT_FILE, names)
+
+
+def load_uncached(path: Path, label: str, names=None) -> dict[str, mx.array]:
+    """The tensors of a safetensors file (or those in `names`) as MLX arrays, each read
+    straight into its own memory around the page cache (`platform.read_uncached`): under a
+    memory limit that counts page cache (Linux cgroups) the weights are held once, not also as
+    cached file pages, as `mx.load` leaves them. `label` names the file in errors."""
+    header, start = read_safetensors_header(path, label)
     out = {}
     for name, entry in header.items():
         if names is not None and name not in names:
@@ -436,7 +441,7 @@ def load_resident(m: Manifest, names=None) -> dict[str, mx.array]:
         begin, end = entry["data_offsets"]
         raw = np.empty(end - begin, dtype=np.uint8)
         if end > begin:
-            platform.read_uncached(m.resident_path, start + begin, raw)
+            platform.read_uncached(path, start + begin, raw)
         # copied into MLX's own buffer, one tensor at a time (an MLX array viewed as numpy and
         # written into crashed the process once glibc returned freed blocks to the OS)
         target = dtype.mx if dtype.mx is not None else getattr(mx, dtype.name)

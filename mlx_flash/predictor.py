@@ -83,7 +83,7 @@ def load_predictors(path: str | Path, dtype: mx.Dtype | None = None) -> list[Pre
     if extra:
         raise FormatError(PREDICTORS_FILE, extra[0], "unexpected tensor (more layers than "
                           f"num_layers {m.num_layers}?)", fix)
-    tensors = mx.load(str(file))
+    tensors = fmt.load_uncached(file, PREDICTORS_FILE)
     out = []
     for i in range(m.num_layers):
         threshold = float(tensors[f"layers.{i}.threshold"].astype(mx.float32).item())

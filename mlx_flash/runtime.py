@@ -23,9 +23,19 @@ from .ffn import BRIDGE_DENSITY, FlashMLP, FlashRuntime
 from .format import Manifest, load_resident, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer, quantize_modules
 from .lookahead import Prefetch
-from .memory import Budget, lookahead_row_bytes, plan_budget
+from .memory import NEURON_BOOKKEEPING, Budget, lookahead_row_bytes, plan_budget, stream_rows
 from .profiles import profile_used, reader_settings
-from .sketch import DEFAULT_KEEP, expected_saving, has_sketch, load_sketch, sketch_bytes
+from .sketch import (
+    DEFAULT_KEEP,
+    VALUE_BITS,
+    column_span,
+    default_bits,
+    expected_saving,
+    has_sketch,
+    is_values,
+    load_sketch,
+    sketch_bytes,
+)
 from .state import FlashState, FlashStats
 from .storage import aligned_empty
 from .units import format_bytes
@@ -162,10 +172,16 @@ def load(
         # where it fits and is expected to save MIN_PREDICTED_SAVING of the exact path's reads
         if not has_sketch(manifest):  # --mode sketch on a dir without one: say how to make it
             load_sketch(manifest, spec.activation(text))
-        exact_rows = budget.capacity
+        exact_rows, neuron_bytes, buffers = budget.capacity, budget.neuron_bytes, budget.buffers
         budget.other = sketch_bytes(manifest)
+        values = is_values(manifest)
+        if values:  # the caches hold down rows only; packed ones have a second reader's scratch
+            lo, hi = column_span(manifest)
+            budget.neuron_bytes = hi - lo + NEURON_BOOKKEEPING
+            if manifest.packed:
+                budget.buffers += stream_rows(manifest) * (hi - lo + 2 * manifest.alignment)
         keep = bench.keep or manifest.extra["sketch"].get("keep", DEFAULT_KEEP)
-        saving = expected_saving(manifest, exact_rows, budget.capacity, keep)
+        saving = expected_saving(manifest, exact_rows, budget.capacity, keep, values)
         if mode == "auto" and capacity is None and (budget.capacity < 1
                                                     or saving < MIN_PREDICTED_SAVING):
             note = ("note: every neuron is computed (the exact path): " + (
@@ -175,6 +191,7 @@ def load(
                 + (", and its records share blocks)" if manifest.packed else ")"))
                 + "; --mode sketch runs it")
             mode, budget.other = "oracle", 0
+            budget.neuron_bytes, budget.buffers = neuron_bytes, buffers
         else:
             predictors = load_sketch(manifest, spec.activation(text), bench.keep)
             mode = "sketch"
@@ -195,6 +212,8 @@ def load(
     if lookahead is None:
         lookahead = bool(manifest.experts)
     ahead_rows = 0  # dense lookahead: its buffers come out of the budget before the caches
+    if mode == "sketch" and predictors and predictors[0].values:
+        lookahead = False  # values mode reads down rows only, after the sketch has chosen
     if lookahead and not manifest.experts and mode in ("oracle", "predicted", "sketch"):
         ahead_rows = budget.plan_lookahead(
             lookahead_row_bytes(manifest.record_bytes, manifest.packed))
@@ -231,8 +250,9 @@ def load(
             and not manifest.experts and capacity is None and not has_sketch(manifest)
             and manifest.d_model % 32 == 0):
         # a gated FFN computed whole where a sketch would read less: say how to make one
-        rows = budget.capacity_with(sketch_bytes(manifest, planned=True))
-        saving = expected_saving(manifest, budget.capacity, rows, DEFAULT_KEEP)
+        values = default_bits(manifest) >= VALUE_BITS
+        rows = _planned_sketch_rows(manifest, budget, values)
+        saving = expected_saving(manifest, budget.capacity, rows, DEFAULT_KEEP, values)
         if rows >= 1 and saving >= MIN_PREDICTED_SAVING:
             note = (f"note: every neuron is computed (the exact path); at this budget a sketch "
                     f"would read about {saving:.0%} less per token, for a little perplexity: "
@@ -263,6 +283,8 @@ def load(
         threads, max_request_bytes = threads or probed_threads, max_request_bytes or probed_request
     rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bench.bundled,
                       compute, bench.mapped)
+    if mode == "sketch" and predictors[0].values:
+        rt.read_values(threads, max_request_bytes)
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
     rt.reader_profile = profile or "defaults (no probe profile for this volume)"
     ahead = None
@@ -343,6 +365,19 @@ def check_memory_limit(budget: int, base_rss: int) -> None:
     raise FlashError(f"--memory {format_bytes(budget)} and the {format_bytes(base_rss)} this "
                      f"process holds before the model (Python, libraries, the tokenizer) exceed "
                      f"the {format_bytes(limit)} memory limit of its cgroup; {fix}")
+
+
+def _planned_sketch_rows(m: Manifest, budget: Budget, values: bool) -> int:
+    """The cache rows per layer beside the sketch `mlx-flash sketch` would write: its memory
+    out of the caches, and in values mode (its rows are down rows) a packed dir's second
+    reader's scratch."""
+    other = sketch_bytes(m, planned=True)
+    if not values:
+        return budget.capacity_with(other)
+    lo, hi = column_span(m)
+    scratch = stream_rows(m) * (hi - lo + 2 * m.alignment) if m.packed else 0
+    free = budget.free_for_cache - other - scratch
+    return max(0, min(m.ffn_dim, free // (m.num_layers * (hi - lo + NEURON_BOOKKEEPING))))
 
 
 def predicted_saving(m: Manifest, capacity: int) -> float | None:

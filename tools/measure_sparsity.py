@@ -28,9 +28,15 @@ keeps only the neurons a rule selects; perplexity over the scored tokens, one fo
   the predictor: per token, the neurons whose |act(gate)*up| computed from it is above its
   s-quantile are read and computed exactly. Costs the sketch in memory (4-bit: 2/3 of the FFN
   at 4.5/16 of its float16 bytes, 19%; 2-bit: 11%), no training.
+- `sketch4k`: the 4-bit sketch with a fixed share per token (the top 1-s of each layer's
+  neurons by the sketch's |act(gate)*up|; what `--mode sketch` runs), no threshold to calibrate.
+- `sketch4d`, `sketch8d` ("down only"): the top 1-s by the 4- or 8-bit sketch, as `sketch4k`,
+  and the sketch's own act(gate)*up is the value of each kept neuron: only its down row is read
+  (1/3 of a record). The quantization error of gate and up is part of the cost measured; at
+  s = 0 (every neuron kept) it is all of it.
 
 Bytes per token (no window, record = gate + up + down rows): product (1-s); cats 1/3 + 2/3 (1-s)
-(every gate row read, then two rows per survivor); griffin 0 after the prompt, (1-s) once per
+(every gate row read, then two rows per survivor); sketch*d (1-s)/3; griffin 0 after the prompt, (1-s) once per
 prompt; teal 2/3 (1-s) + 1/3 (1-s) (gate and up stored a column per input channel, down as
 today); teal-in 2/3 (1-s) + 1/3. Numpy does the FFN and the projections (MLX's CPU BLAS is slow for whole windows).
 """
@@ -79,7 +85,7 @@ class StudyMLP(nn.Module):
         self._wd = np.array(mlp.down_proj.weight.astype(mx.float32)).T.copy()  # (ffn, d)
         self._layer, self._study, self._act = layer, study, act
         self._sketch = {b: (_lowbit(mlp.gate_proj.weight, b), _lowbit(mlp.up_proj.weight, b))
-                        for b in (2, 4)}
+                        for b in (2, 4, 8)}
 
     def sketch(self, u: np.ndarray, bits: int) -> np.ndarray:
         wg, wu = self._sketch[bits]
@@ -93,6 +99,8 @@ class StudyMLP(nn.Module):
         g = np.array(self._act(mx.array(u @ self._wg)))
         h = g * (u @ self._wu)
         self._input = u
+        if st.rule in ("sketch4d", "sketch8d"):
+            return mx.array((self._down_only(h, int(st.rule[6])) @ self._wd).reshape(x.shape))
         if st.record is not None:
             st.record[layer].append((g, h, u, self.sketch(u, 4), self.sketch(u, 2)))
         if st.rule != "dense":
@@ -102,6 +110,19 @@ class StudyMLP(nn.Module):
             st.seen += keep[PROMPT:].size
             h = h * keep
         return mx.array((h @ self._wd).reshape(x.shape))
+
+    def _down_only(self, h: np.ndarray, bits: int) -> np.ndarray:
+        """The prompt's exact h; each scored token's top (1 - s) by the sketch, with the
+        sketch's values."""
+        st = self._study
+        sk = self.sketch(self._input, bits)
+        keep = _top_share(np.abs(sk), 1 - st.s)
+        keep[:PROMPT] = False
+        st.kept += int(keep[PROMPT:].sum())
+        st.seen += keep[PROMPT:].size
+        out = np.where(keep, sk, 0.0)
+        out[:PROMPT] = h[:PROMPT]
+        return out
 
     def _teal(self, u: np.ndarray) -> np.ndarray:
         st, layer = self._study, self._layer
@@ -131,6 +152,8 @@ class StudyMLP(nn.Module):
             if level == 0:
                 return np.ones(h.shape, bool)
             return np.abs(g) > st.t_gate[layer, LEVELS.index(level)]
+        if st.rule == "sketch4k":  # the runtime's rule: each token's top (1 - s) of the layer
+            return _top_share(np.abs(self.sketch(self._input, 4)), 1 - st.s)
         if st.rule.startswith("sketch"):
             bits = int(st.rule[-1])
             u = self._input
@@ -143,6 +166,15 @@ class StudyMLP(nn.Module):
             keep[np.argpartition(-score, k - 1)[:k]] = True
             return np.broadcast_to(keep, h.shape).copy()
         raise ValueError(st.rule)
+
+
+def _top_share(score: np.ndarray, share: float) -> np.ndarray:
+    """Each row's top `share` of its entries by score, as a mask."""
+    k = round(share * score.shape[1])
+    keep = np.zeros(score.shape, bool)
+    if k:
+        np.put_along_axis(keep, np.argpartition(-score, k - 1, axis=1)[:, :k], True, axis=1)
+    return keep
 
 
 def _lowbit(w: mx.array, bits: int) -> np.ndarray:
@@ -227,6 +259,8 @@ def io_fraction(rule: str, s: float) -> float:
         return 1 / 3 + 2 / 3 * (1 - s)
     if rule == "teal-in":
         return 2 / 3 * (1 - s) + 1 / 3
+    if rule.endswith("d"):  # sketch4d, sketch8d: down rows only
+        return (1 - s) / 3
     return 1 - s
 
 
@@ -242,9 +276,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     levels = [float(x) for x in a.levels.split(",")]
-    if not set(levels) <= set(LEVELS):
-        ap.error(f"--levels: each one of {LEVELS}")
     rules = a.rules.split(",")
+    top_share = {"sketch4k", "sketch4d", "sketch8d"}  # no threshold: any level in [0, 1)
+    if not set(rules) <= top_share and not set(levels) <= set(LEVELS):
+        ap.error(f"--levels: each one of {LEVELS}")
+    if not all(0 <= s < 1 for s in levels):
+        ap.error("--levels: each in [0, 1)")
 
     model = load_model(a.hf, dtype="float32")
     tok = load_tokenizer(a.hf)

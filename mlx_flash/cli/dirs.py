@@ -131,16 +131,18 @@ def calibrate(
 @friendly
 def sketch(
     path: FlashDirArg,
-    bits: Annotated[int, typer.Option("--bits", help="Bits per weight of the sketch: 2, 3, 4 or 8 (MLX affine groups of 64 along d_model).")] = 4,
+    bits: Annotated[int | None, typer.Option("--bits", help="Bits per weight of the sketch: 2, 3, 4 or 8 (MLX affine groups of 64 along d_model). 8: the sketch's act(gate)*up is also each chosen neuron's value, and only its down row is read and cached (float records). Default: 8 where a down row fills a block of the dir's alignment (d_model 2048 and up in bfloat16), else 4.")] = None,
     keep: Annotated[float, typer.Option("--keep", min=0.01, max=1.0, help="Share of each layer's neurons a token computes (its top ones by the sketch's |act(gate)*up|). Only this is rewritten when a sketch of these bits exists.")] = 0.6,
     as_json: JsonOpt = False,
 ):
     """Write the low-bit sketch of a gated FFN's gate/up rows: the predictor of models whose
     every neuron is active (SiLU/GELU). Per token it ranks the neurons and only the top --keep
-    share is read and computed exactly. No data or training; it stays in memory (4-bit: 19% of
-    the FFN's float16 bytes), and `auto` runs it where the --memory budget has room."""
+    share is read and computed exactly (4-bit), or, 8-bit, its own act(gate)*up is their value
+    and only their down rows are read: a third of each record. No data or training; it stays
+    in memory (4-bit: 19% of the FFN's float16 bytes, 8-bit: 35%), and `auto` runs it where
+    the --memory budget has room and it is expected to read less."""
     from .. import format as fmt
-    from ..sketch import sketch_bytes, write_sketch
+    from ..sketch import VALUE_BITS, sketch_bytes, write_sketch
 
     r = write_sketch(path, bits=bits, keep=keep, progress=not as_json)
     m = fmt.read_manifest(path)
@@ -149,9 +151,10 @@ def sketch(
         typer.echo(json.dumps(r))
         return
     what = "wrote" if r["rewritten"] else "kept (new --keep only)"
-    typer.echo(f"{what} {r['path']}: {bits}-bit, {format_bytes(r['memory_bytes'])} in memory, "
-               f"top {r['keep']:.0%} of each layer's neurons per token")
-    if m.packed and m.record_bytes < m.alignment:
+    values = ", its values (down rows read)" if r["bits"] >= VALUE_BITS else ""
+    typer.echo(f"{what} {r['path']}: {r['bits']}-bit, {format_bytes(r['memory_bytes'])} in "
+               f"memory, top {r['keep']:.0%} of each layer's neurons per token{values}")
+    if m.packed and m.record_bytes < m.alignment and r["bits"] < VALUE_BITS:
         typer.echo(f"note: this dir's {m.record_bytes}-byte records share {m.alignment}-byte "
                    "blocks, so a token's scattered choice reads most blocks and `auto` keeps "
                    "the exact path; `mlx-flash convert --layout aligned` gives each record its "
