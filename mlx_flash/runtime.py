@@ -26,6 +26,7 @@ from .lookahead import Prefetch
 from .memory import NEURON_BOOKKEEPING, Budget, lookahead_row_bytes, plan_budget, stream_rows
 from .profiles import profile_used, reader_settings
 from .sketch import (
+    DEFAULT_BITS,
     DEFAULT_KEEP,
     VALUE_BITS,
     column_span,
@@ -184,14 +185,22 @@ def load(
         saving = expected_saving(manifest, exact_rows, budget.capacity, keep, values)
         if mode == "auto" and capacity is None and (budget.capacity < 1
                                                     or saving < MIN_PREDICTED_SAVING):
+            held, fits = budget.other, budget.capacity >= 1
+            mode, budget.other = "oracle", 0
+            budget.neuron_bytes, budget.buffers = neuron_bytes, buffers
+            smaller = ""
+            if values and not fits:  # would a 4-bit sketch fit and save?
+                rows = budget.capacity_with(sketch_bytes(manifest, True, DEFAULT_BITS))
+                if rows >= 1 and (expected_saving(manifest, exact_rows, rows, keep)
+                                  >= MIN_PREDICTED_SAVING):
+                    smaller = (f"; a 4-bit one would fit and read less: `mlx-flash sketch "
+                               f"{path} --bits 4`")
             note = ("note: every neuron is computed (the exact path): " + (
-                f"the budget leaves no room for the sketch ({format_bytes(budget.other)})"
-                if budget.capacity < 1 else f"at this budget the sketch is expected to read "
+                f"the budget leaves no room for the sketch ({format_bytes(held)}){smaller}"
+                if not fits else f"at this budget the sketch is expected to read "
                 f"{1 - saving:.2f}x its bytes per token (the sketch's memory would shrink the cache"
                 + (", and its records share blocks)" if manifest.packed else ")"))
                 + "; --mode sketch runs it")
-            mode, budget.other = "oracle", 0
-            budget.neuron_bytes, budget.buffers = neuron_bytes, buffers
         else:
             predictors = load_sketch(manifest, spec.activation(text), bench.keep)
             mode = "sketch"
@@ -250,13 +259,16 @@ def load(
             and not manifest.experts and capacity is None and not has_sketch(manifest)
             and manifest.d_model % 32 == 0):
         # a gated FFN computed whole where a sketch would read less: say how to make one
-        values = default_bits(manifest) >= VALUE_BITS
-        rows = _planned_sketch_rows(manifest, budget, values)
-        saving = expected_saving(manifest, budget.capacity, rows, DEFAULT_KEEP, values)
-        if rows >= 1 and saving >= MIN_PREDICTED_SAVING:
-            note = (f"note: every neuron is computed (the exact path); at this budget a sketch "
-                    f"would read about {saving:.0%} less per token, for a little perplexity: "
-                    f"run `mlx-flash sketch {path}`")
+        for bits in sorted({default_bits(manifest), DEFAULT_BITS}, reverse=True):
+            values = bits >= VALUE_BITS  # the default first, then a 4-bit one
+            rows = _planned_sketch_rows(manifest, budget, values, bits)
+            saving = expected_saving(manifest, budget.capacity, rows, DEFAULT_KEEP, values)
+            if rows >= 1 and saving >= MIN_PREDICTED_SAVING:
+                how = "" if bits == default_bits(manifest) else f" --bits {bits}"
+                note = (f"note: every neuron is computed (the exact path); at this budget a "
+                        f"sketch would read about {saving:.0%} less per token, for a little "
+                        f"perplexity: run `mlx-flash sketch {path}{how}`")
+                break
     if capacity is None:
         if manifest.experts:  # whole experts, at least the top-k experts of one token
             budget.require_experts(manifest.expert_ffn, top_k)
@@ -367,11 +379,11 @@ def check_memory_limit(budget: int, base_rss: int) -> None:
                      f"the {format_bytes(limit)} memory limit of its cgroup; {fix}")
 
 
-def _planned_sketch_rows(m: Manifest, budget: Budget, values: bool) -> int:
-    """The cache rows per layer beside the sketch `mlx-flash sketch` would write: its memory
-    out of the caches, and in values mode (its rows are down rows) a packed dir's second
-    reader's scratch."""
-    other = sketch_bytes(m, planned=True)
+def _planned_sketch_rows(m: Manifest, budget: Budget, values: bool, bits: int) -> int:
+    """The cache rows per layer beside a sketch of `bits` not yet written: its memory out of
+    the caches, and in values mode (its rows are down rows) a packed dir's second reader's
+    scratch."""
+    other = sketch_bytes(m, planned=True, bits=bits)
     if not values:
         return budget.capacity_with(other)
     lo, hi = column_span(m)

@@ -241,14 +241,14 @@ def _scale_dtype(m: fmt.Manifest) -> mx.Dtype | None:
     return mx.float32 if mx.default_device().type != mx.DeviceType.gpu else None
 
 
-def sketch_bytes(m: fmt.Manifest, planned: bool = False) -> int:
+def sketch_bytes(m: fmt.Manifest, planned: bool = False, bits: int | None = None) -> int:
     """The sketch's bytes in memory as `load_sketch` holds it; 0 without one (`planned`: what a
-    default sketch would hold, made or not)."""
+    sketch of `bits` (default: `default_bits`) would hold, made or not)."""
     if m.experts or not (planned or has_sketch(m)):
         return 0
     entry = m.extra.get("sketch") if not planned else None
     entry = entry if isinstance(entry, dict) else {}
-    bits = entry.get("bits") or default_bits(m)
+    bits = bits or entry.get("bits") or default_bits(m)
     group = entry.get("group_size") or group_size(m.d_model)
     scale = 4 if _scale_dtype(m) is not None else m.itemsize
     parts = len(models.flash_spec(m.architecture).row_parts)

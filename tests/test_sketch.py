@@ -17,7 +17,7 @@ from mlx_flash.convert import convert
 from mlx_flash.errors import FlashError, FormatError
 from mlx_flash.loader import load_tokenizer
 from mlx_flash.perplexity import perplexity, read_tokens
-from mlx_flash.sketch import SKETCH_FILE, load_sketch, sketch_bytes, write_sketch
+from mlx_flash.sketch import SKETCH_FILE, default_bits, load_sketch, sketch_bytes, write_sketch
 
 from .conftest import CORPUS, ROOT
 
@@ -252,3 +252,39 @@ def test_values_mode_keeps_dense_quality_at_keep_one(smol_values, smol):
     with pytest.raises(FlashError, match="8-bit sketch supplies the values of float records"):
         write_sketch(smol, bits=8, progress=False)
     assert not (smol / SKETCH_FILE).exists()
+
+
+def test_wide_records_get_values_by_default_and_auto_says_which_sketch_fits(tmp_path, smol_f16):
+    """Llama shapes whose down row fills a 4 KiB block (d_model 2048, bfloat16; random weights:
+    plumbing, not quality): `mlx-flash sketch` writes the 8-bit values sketch there (SmolLM2's
+    1,152-byte down rows get the 4-bit one). Without a sketch, auto names the one that fits;
+    with the 8-bit one, auto runs values mode where it fits and says a 4-bit one would where it
+    does not. A decode token reads one 4 KiB block per neuron it misses: its down row."""
+    from tools.synthetic_flash import write_synthetic_flash
+
+    path = write_synthetic_flash(tmp_path / "wide", d_model=2048, ffn_dim=4096, layers=2,
+                                 vocab=8192, arch="llama", kv_heads=8, max_pos=512)
+    m = fmt.read_manifest(path)
+    assert default_bits(m) == 8 and default_bits(fmt.read_manifest(smol_f16)) == 4
+
+    def load(memory):
+        model, tok = runtime.load(path, memory=memory, max_context=64)
+        return model, tok, model.flash.note or ""
+
+    assert f"run `mlx-flash sketch {path} --bits 4`" in load("80%model")[2]
+    assert load("90%model")[2].endswith(f"run `mlx-flash sketch {path}`")
+    r = json.loads(_cli("sketch", path, "--json").stdout)
+    assert r["bits"] == 8 and fmt.read_manifest(path).extra["sketch"]["bits"] == 8
+    assert f"a 4-bit one would fit and read less: `mlx-flash sketch {path} --bits 4`" in (
+        load("80%model")[2])
+    model, tok, note = load("90%model")
+    rt = model.flash.runtime
+    assert model.flash.mode == "sketch" and rt.down_reader is not None and not note
+    assert model.flash.budget.neuron_bytes < m.record_bytes // 2  # down rows only
+    from mlx_flash.generation import generate
+
+    generate(model, tok, "The open() function", max_tokens=4)
+    s = rt.stats
+    assert s.tokens >= 3 and s.misses + s.overflow > 0
+    # each missed neuron costs its down row's one block, nothing of its gate and up rows
+    assert s.io.bytes == (s.misses + s.overflow) * 4096
