@@ -255,6 +255,12 @@ def _group_figures(row: dict, group: Path | None) -> None:
     if group is None:
         return
     row["cgroup_peak_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
+    # what the group held at the end beside the process's memory (page cache: reclaimable),
+    # and how often it reached its limit (the kernel then reclaims before anything is killed)
+    stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines()
+                if line.count(" ") == 1)
+    row["cgroup_cache_bytes"] = int(stat.get("cache", 0))
+    row["cgroup_limit_hits"] = int((group / "memory.failcnt").read_text())
     limit_bytes = int((group / "memory.limit_in_bytes").read_text())
     if limit_bytes < platform.physical_memory_bytes():
         row["limit_bytes"] = limit_bytes
