@@ -210,8 +210,12 @@ def load_model(model: str | None = None, memory=None, mode: str = "auto", window
     if loaded.note is not None:
         say(loaded.note)
     elif mode in ("auto", "predicted") and loaded.mode == "oracle":
-        say("note: no predictors in this model dir; the exact oracle picks the neurons "
-            "(run `mlx-flash calibrate`)")
+        if loaded.runtime is None or loaded.runtime.exact_sparse:  # ReLU: predictors pay
+            say("note: no predictors in this model dir; the exact oracle picks the neurons "
+                "(run `mlx-flash calibrate`)")
+        else:  # a gated FFN has no exact zeros; a sketch is named where one would pay
+            say("note: every neuron is computed (the exact path: a gated FFN has no inactive "
+                "neurons to skip, and at this budget no sketch is expected to read less)")
     return m, tok
 
 
