@@ -213,8 +213,8 @@ class Stage:
     def load_dense(self, path: Path):
         """(model, tokenizer) with this stage's weights all in memory."""
         from .checkpoint import load_config
-        from .format import load_dense_weights
         from .loader import build_model, load_tokenizer, quantize_modules
+        from .tensors import load_dense_weights
 
         config = load_config(path)
         model = build_model(config)

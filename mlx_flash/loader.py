@@ -49,7 +49,7 @@ def quantize_modules(model: nn.Module, config: dict, weights: dict[str, mx.array
 def read_weights(path: Path) -> dict[str, mx.array]:
     """All weights under their HF names, from an HF checkpoint dir or a flash model dir."""
     if (path / "manifest.json").exists():
-        from .format import load_dense_weights
+        from .tensors import load_dense_weights
 
         return load_dense_weights(path)
     return Checkpoint(path).load_all()

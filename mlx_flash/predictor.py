@@ -14,6 +14,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import FlashError, FormatError
+from .tensors import load_uncached, write_partial_safetensors
 
 PREDICTORS_FILE = "predictors.safetensors"
 PREDICTORS_VERSION = 1
@@ -83,7 +84,7 @@ def load_predictors(path: str | Path, dtype: mx.Dtype | None = None) -> list[Pre
     if extra:
         raise FormatError(PREDICTORS_FILE, extra[0], "unexpected tensor (more layers than "
                           f"num_layers {m.num_layers}?)", fix)
-    tensors = fmt.load_uncached(file, PREDICTORS_FILE)
+    tensors = load_uncached(file, PREDICTORS_FILE)
     out = []
     for i in range(m.num_layers):
         threshold = float(tensors[f"layers.{i}.threshold"].astype(mx.float32).item())
@@ -177,5 +178,5 @@ def parse_ranks(spec: str | int | None, num_layers: int, d_model: int, ffn_dim: 
 def write_predictors(file: Path, tensors: dict[str, mx.array]) -> tuple[Path, int]:
     """Write the predictors beside `file` as a flushed partial file; returns (it, its CRC-32)
     for the caller to rename into place with the manifest update."""
-    return fmt.write_partial_safetensors(file, tensors, {
+    return write_partial_safetensors(file, tensors, {
         "format": "mlx-flash predictors", "version": str(PREDICTORS_VERSION)})

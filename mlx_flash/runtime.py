@@ -19,8 +19,9 @@ from .bench.options import DEFAULT as DEFAULT_BENCH
 from .bench.options import BenchOptions
 from .checkpoint import load_config
 from .errors import FlashError
-from .ffn import BRIDGE_DENSITY, FlashMLP, FlashRuntime
-from .format import Manifest, load_resident, read_layer_records, read_manifest
+from .ffn import FlashMLP
+from .ffn_shared import BRIDGE_DENSITY, FlashRuntime
+from .format import Manifest, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer, quantize_modules
 from .lookahead import Prefetch
 from .memory import NEURON_BOOKKEEPING, Budget, lookahead_row_bytes, plan_budget, stream_rows
@@ -39,6 +40,7 @@ from .sketch import (
 )
 from .state import FlashState, FlashStats
 from .storage import aligned_empty
+from .tensors import load_resident
 from .units import format_bytes
 
 MODES = ("auto", "dense", "naive", "hybrid", "oracle", "predicted", "sketch")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from . import activations, models
 from . import format as fmt
 from .errors import FlashError, FormatError
+from .tensors import load_uncached, write_partial_safetensors
 
 SKETCH_FILE = "sketch.safetensors"
 SKETCH_VERSION = 1
@@ -138,7 +139,7 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
                 tensors[f"layers.{layer}.{name}.scales"] = s.astype(m.mx_dtype)
                 tensors[f"layers.{layer}.{name}.biases"] = b.astype(m.mx_dtype)
                 mx.eval(tensors[f"layers.{layer}.{name}.biases"], q)
-    partial, crc = fmt.write_partial_safetensors(file, tensors, {
+    partial, crc = write_partial_safetensors(file, tensors, {
         "format": "mlx-flash sketch", "version": str(SKETCH_VERSION)})
     entry = {"file": SKETCH_FILE, "bits": bits, "group_size": group, "keep": keep,
              "parts": names, "bytes": partial.stat().st_size, "crc32": crc}
@@ -188,7 +189,7 @@ def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> li
     if set(header) - set(want):
         raise FormatError(SKETCH_FILE, sorted(set(header) - set(want))[0], "unexpected tensor",
                           fix)
-    tensors = fmt.load_uncached(file, SKETCH_FILE)
+    tensors = load_uncached(file, SKETCH_FILE)
     act = activations.mlx_fn(act_name)
     wide = _scale_dtype(m)
     out = []

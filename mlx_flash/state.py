@@ -17,7 +17,7 @@ from .storage import ReadStats
 from .units import mib
 
 if TYPE_CHECKING:
-    from .ffn import FlashRuntime
+    from .ffn_shared import FlashRuntime
     from .memory import Budget
 
 

@@ -22,6 +22,7 @@ from mlx_flash import hub, platform
 from mlx_flash.convert import convert
 from mlx_flash.dtypes import FLOATS
 from mlx_flash.errors import FlashError
+from mlx_flash.tensors import load_dense_weights
 
 from .conftest import ROOT, fixture_path
 
@@ -89,7 +90,7 @@ def test_round_trip_is_bit_identical(tmp_path, name, dtype):
     src = fixture_path(name)
     out = convert(str(src), out=tmp_path / "flash", dtype=dtype, align=4096, progress=False)
     source = mx.load(str(src / "model.safetensors"))
-    rebuilt = fmt.load_dense_weights(out)
+    rebuilt = load_dense_weights(out)
     assert sorted(rebuilt) == sorted(source)
     for key, ref in source.items():
         got = rebuilt[key]
@@ -144,7 +145,7 @@ def test_synthetic_with_biases_and_unprefixed_opt_keys(tmp_path, arch):
     out = convert(str(src), out=tmp_path / "out", dtype="bfloat16", align=4096, progress=False)
     m = fmt.read_manifest(out)
     assert all(p.bias for p in m.parts)
-    rebuilt = fmt.load_dense_weights(out)
+    rebuilt = load_dense_weights(out)
     source = mx.load(str(src / "model.safetensors"))
     for key, ref in source.items():
         norm = "model." + key if key.startswith("decoder.") else key

@@ -11,6 +11,7 @@ import pytest
 from mlx_flash import format as fmt
 from mlx_flash.convert import convert
 from mlx_flash.errors import FlashError, FormatError
+from mlx_flash.tensors import load_dense_weights
 
 from .test_convert import make_checkpoint
 
@@ -228,4 +229,4 @@ def test_info_and_dense_weights_validate_first(flash):
     with pytest.raises(FormatError, match="truncated"):
         fmt.info(flash)
     with pytest.raises(FormatError, match="truncated"):
-        fmt.load_dense_weights(flash)
+        load_dense_weights(flash)

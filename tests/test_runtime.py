@@ -80,14 +80,14 @@ def test_oracle_is_exact(flash_dirs, name, variant):
 def test_overflow_read_as_whole_runs_is_exact(flash_dirs, monkeypatch):
     """Overflow runs read whole (the wanted neurons masked in) give the dense model's logits;
     the gaps are read too, so more bytes than reading the wanted records alone."""
-    from mlx_flash import ffn
+    from mlx_flash import ffn_shared
 
     path = flash_dirs["llama-relu-fixture"]
     dense, tok = load_dense(path)
     ref_tokens, ref_logits = _greedy_logits(dense, tok, n=16)
     per_token = {}
     for density in (2.0, 0.0):  # never bridged; always bridged where a run has a gap
-        monkeypatch.setattr(ffn, "BRIDGE_DENSITY", density)
+        monkeypatch.setattr(ffn_shared, "BRIDGE_DENSITY", density)
         flash, _ = runtime.load(path, memory="1GB", mode="oracle", capacity=64)
         tokens, logits = _greedy_logits(flash, tok, n=16)
         assert tokens == ref_tokens

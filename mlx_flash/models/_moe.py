@@ -6,7 +6,7 @@ a `SwitchGLU` (`switch_mlp`) with the chosen experts' indices; the flash runtime
 
 A flash dir holds a layer's experts as one FFN of experts * F neurons, expert-major: the gate/up
 parts are rows of the stacked (experts * F, d) matrices, the down part columns of the (d,
-experts * F) one. Rebuilt densely (`format.load_dense_weights`), those come back 2-D; `unflatten`
+experts * F) one. Rebuilt densely (`tensors.load_dense_weights`), those come back 2-D; `unflatten`
 restores the (experts, F, d) / (experts, d, F) shapes that `SwitchGLU` holds.
 """
 
