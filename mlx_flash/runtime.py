@@ -24,19 +24,19 @@ from .ffn_shared import BRIDGE_DENSITY, FlashRuntime
 from .format import Manifest, read_layer_records, read_manifest
 from .loader import build_model, load_dense, load_tokenizer, quantize_modules
 from .lookahead import Prefetch
-from .memory import NEURON_BOOKKEEPING, Budget, lookahead_row_bytes, plan_budget, stream_rows
+from .memory import Budget, lookahead_row_bytes, plan_budget
 from .profiles import profile_used, reader_settings
 from .sketch import (
     DEFAULT_BITS,
     DEFAULT_KEEP,
     VALUE_BITS,
-    column_span,
     default_bits,
     expected_saving,
     has_sketch,
     is_values,
     load_sketch,
     sketch_bytes,
+    values_costs,
 )
 from .state import FlashState, FlashStats
 from .storage import aligned_empty
@@ -178,11 +178,9 @@ def load(
         exact_rows, neuron_bytes, buffers = budget.capacity, budget.neuron_bytes, budget.buffers
         budget.other = sketch_bytes(manifest)
         values = is_values(manifest)
-        if values:  # the caches hold down rows only; packed ones have a second reader's scratch
-            lo, hi = column_span(manifest)
-            budget.neuron_bytes = hi - lo + NEURON_BOOKKEEPING
-            if manifest.packed:
-                budget.buffers += stream_rows(manifest) * (hi - lo + 2 * manifest.alignment)
+        if values:  # the caches hold down rows only; a second reader
+            budget.neuron_bytes, scratch = values_costs(manifest)
+            budget.buffers += scratch
         keep = bench.keep or manifest.extra["sketch"].get("keep", DEFAULT_KEEP)
         saving = expected_saving(manifest, exact_rows, budget.capacity, keep, values)
         if mode == "auto" and capacity is None and (budget.capacity < 1
@@ -388,10 +386,9 @@ def _planned_sketch_rows(m: Manifest, budget: Budget, values: bool, bits: int) -
     other = sketch_bytes(m, planned=True, bits=bits)
     if not values:
         return budget.capacity_with(other)
-    lo, hi = column_span(m)
-    scratch = stream_rows(m) * (hi - lo + 2 * m.alignment) if m.packed else 0
-    free = budget.free_for_cache - other - scratch
-    return max(0, min(m.ffn_dim, free // (m.num_layers * (hi - lo + NEURON_BOOKKEEPING))))
+    row, scratch = values_costs(m)
+    return max(0, min(m.ffn_dim, (budget.free_for_cache - other - scratch)
+                      // (m.num_layers * row)))
 
 
 def predicted_saving(m: Manifest, capacity: int) -> float | None:

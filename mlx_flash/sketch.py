@@ -29,6 +29,7 @@ from tqdm import tqdm
 from . import activations, models
 from . import format as fmt
 from .errors import FlashError, FormatError
+from .memory import NEURON_BOOKKEEPING, stream_rows
 from .tensors import load_uncached, write_partial_safetensors
 
 SKETCH_FILE = "sketch.safetensors"
@@ -234,6 +235,14 @@ def is_values(m: fmt.Manifest) -> bool:
 def column_span(m: fmt.Manifest) -> tuple[int, int]:
     """The byte span of the column part (down) in a record."""
     return m.part(models.flash_spec(m.architecture).column_part.name).span
+
+
+def values_costs(m: fmt.Manifest) -> tuple[int, int]:
+    """Values mode's memory: what one cached neuron takes (its down row and bookkeeping), and
+    the second reader's scratch of a packed dir (each down span widened to its blocks)."""
+    lo, hi = column_span(m)
+    scratch = stream_rows(m) * (hi - lo + 2 * m.alignment) if m.packed else 0
+    return hi - lo + NEURON_BOOKKEEPING, scratch
 
 
 def _scale_dtype(m: fmt.Manifest) -> mx.Dtype | None:
