@@ -228,7 +228,7 @@ class FlashMLP(nn.Module):
         before = reader.snapshot()
         for row in range(x_last.shape[0]):
             ids, _ = self._split_overflow(self._active(x_last[row : row + 1]))
-            self.cache.ensure(ids, self._step, reader, self.offset)
+            self.cache.ensure(ids, self._step, reader, rt.down_offset(self.layer, self.offset))
             self._step += 1
         self.cache.slide(self._step - 1, rt.window)
         rt.stats.prefill_io = rt.stats.prefill_io + reader.delta(before)  # the prompt's reads
@@ -299,7 +299,8 @@ class FlashMLP(nn.Module):
         reader = rt.down_reader
         before = reader.snapshot()
         ids, overflow = self._split_overflow(ids)
-        stats = self.cache.ensure(ids, self._step, reader, self.offset)
+        offset = rt.down_offset(self.layer, self.offset)
+        stats = self.cache.ensure(ids, self._step, reader, offset)
         self.cache.slide(self._step, rt.window)
         self._step += 1
         cache_io_s = reader.delta(before).seconds
@@ -308,12 +309,12 @@ class FlashMLP(nn.Module):
         streamed_s = 0.0
         if len(overflow):  # beyond the cache: read a buffer's worth at a time, computed at once
             t2 = time.perf_counter()
-            lo, hi = self._column_part.span
-            rows = rt.chunk.shape[0]
+            lo, hi = rt.down_span
+            rows = len(rt.down_stage)
             for a in range(0, len(overflow), rows):
                 piece = overflow[a : a + rows]
-                out = rt.chunk_np[: len(piece)]
-                reader.read(self.offset, piece, out)
+                out = rt.down_stage[: len(piece)]
+                reader.read(offset, piece, out)
                 column = mx.array(np.ascontiguousarray(out[:, lo:hi])).view(m.mx_dtype)
                 y = y + _times(h[:, mx.array(piece)], column).astype(mx.float32)
                 mx.eval(y)  # the buffer is read into again by the next piece
@@ -393,7 +394,8 @@ def _new_cache(rt: FlashRuntime, capacity: int) -> NeuronCache:
     m = rt.manifest
     spans = [p.span for p in m.parts]
     if rt.down_reader is not None:  # values mode: the down rows only
-        spans = [m.part(rt.spec.column_part.name).span]
+        return NeuronCache(capacity, rt.down_stage.shape[1], m.ffn_dim, parts=[rt.down_span],
+                           staging=rt.down_stage)
     if m.quantization is None:
         return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans, staging=rt.chunk_np)
     d = m.d_model

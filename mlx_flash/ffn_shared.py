@@ -65,19 +65,34 @@ class FlashRuntime:
         self.layers: list[FlashMLP] = []
         # values mode (an 8-bit sketch, sketch.py): each record's down span alone is read
         self.down_reader: FlashReader | None = None
+        self.down_layer_bytes: int | None = None  # a layer's rows in down.bin, when read there
+        self.down_span = (0, 0)  # the down row's bytes in what the down reader reads
+        self.down_stage = None  # (rows, what the down reader reads) buffer it reads into
         # the reads started a layer early: moe.Lookahead (MoE) or lookahead.Prefetch (dense)
         self.lookahead = None
 
-    def read_values(self, threads: int, max_request_bytes: int) -> None:
+    def read_values(self, threads: int, max_request_bytes: int,
+                    down: tuple[str, int, int] | None) -> None:
         """Values mode: the caches hold each neuron's down row only, read by a reader of its
-        own that fetches each record's down span (widened to the direct-I/O blocks)."""
+        own: from `down` (`down.bin`: path, row bytes, layer bytes), where a layer's rows lie
+        one after another, or else each record's down span (whole blocks of its own)."""
         m = self.manifest
-        lo, hi = m.part(self.spec.column_part.name).span
-        if not m.packed:
-            align = platform.direct_io_alignment()
-            lo, hi = lo // align * align, -(-hi // align) * align
+        rows = self.chunk.shape[0]
+        if down is not None:
+            path, row_bytes, self.down_layer_bytes = down
+            self.down_reader = FlashReader(path, row_bytes, threads,
+                                           max_request_bytes=max_request_bytes)
+            self.down_span = (0, row_bytes)
+            self.down_stage = aligned_empty(rows, row_bytes)[1]
+            return
+        lo, hi = self.down_span = m.part(self.spec.column_part.name).span
         self.down_reader = FlashReader(m.ffn_path, m.record_bytes, threads,
                                        max_request_bytes=max_request_bytes, part_spans=[(lo, hi)])
+        self.down_stage = self.chunk_np
+
+    def down_offset(self, layer: int, offset: int) -> int:
+        """Where the cache reader finds `layer` (at `offset` in the FFN file)."""
+        return offset if self.down_layer_bytes is None else layer * self.down_layer_bytes
 
     @property
     def cache_reader(self) -> FlashReader:

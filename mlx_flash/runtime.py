@@ -31,6 +31,7 @@ from .sketch import (
     DEFAULT_KEEP,
     VALUE_BITS,
     default_bits,
+    down_file,
     expected_saving,
     has_sketch,
     is_values,
@@ -296,7 +297,7 @@ def load(
     rt = FlashRuntime(manifest, mode, window, threads, act, max_request_bytes, bench.bundled,
                       compute, bench.mapped)
     if mode == "sketch" and predictors[0].values:
-        rt.read_values(threads, max_request_bytes)
+        rt.read_values(threads, max_request_bytes, down_file(manifest))
     # where the reader's threads and coalescing came from (`mlx-flash probe` writes profiles)
     rt.reader_profile = profile or "defaults (no probe profile for this volume)"
     ahead = None

@@ -20,6 +20,8 @@ float16 bytes, 35% of the FFN.
 
 from __future__ import annotations
 
+import os
+import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,10 +31,15 @@ from tqdm import tqdm
 from . import activations, models
 from . import format as fmt
 from .errors import FlashError, FormatError
+from .layout import round_up
 from .memory import NEURON_BOOKKEEPING, stream_rows
 from .tensors import load_uncached, write_partial_safetensors
 
 SKETCH_FILE = "sketch.safetensors"
+# values mode where a record's down span does not fill whole blocks of its own (SmolLM2: 1,152
+# bytes in a 4 KiB block, so reading it alone read 3.6x its bytes): each layer's down rows again,
+# one after another, so a token's chosen rows share their blocks
+DOWN_FILE = "down.bin"
 SKETCH_VERSION = 1
 DEFAULT_BITS = 4
 # The share of each layer's neurons a token computes: the nearest measured point to the issue's
@@ -106,10 +113,12 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
                  progress: bool = True) -> dict:
     """Write `sketch.safetensors` into a flash dir (atomically, with a `sketch` manifest entry)
     from its records; an existing sketch of the same bits only gets the new `keep`. `bits`:
-    `default_bits` where None."""
+    where None, an existing sketch's, else `default_bits`."""
     m = fmt.read_manifest(path)
-    if bits is None and not m.experts:
-        bits = default_bits(m)
+    entry = m.extra.get("sketch")
+    if bits is None and not m.experts:  # an existing sketch keeps its bits
+        made = entry.get("bits") if isinstance(entry, dict) and has_sketch(m) else None
+        bits = made if made in BITS else default_bits(m)
     if m.experts:
         raise FlashError(f"{m.path}: a mixture of experts needs no sketch (its router picks the "
                          "experts exactly)")
@@ -122,30 +131,125 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
         _check_values(m)
     group = group_size(m.d_model)
     file = m.path / SKETCH_FILE
-    entry = m.extra.get("sketch")
+    down = bits >= VALUE_BITS and needs_down_file(m)
     if (isinstance(entry, dict) and entry.get("bits") == bits and file.is_file()
-            and entry.get("bytes") == file.stat().st_size):
+            and entry.get("bytes") == file.stat().st_size
+            and (not down or _down_problem(m, entry) is None)):
         fmt.update_manifest(m.path, sketch={**entry, "keep": keep})
         return {**entry, "keep": keep, "path": str(file), "rewritten": False}
     names = [p.name for p in spec.row_parts]
     tensors = {}
-    with open(m.ffn_path, "rb") as f:
-        for layer in tqdm(range(m.num_layers), desc="sketch", unit="layer",
-                          disable=not progress, leave=False):
-            records = fmt.read_layer_records(m, layer, file=f)
-            for name in names:
-                w = m.part_values(records, m.part(name)).astype(mx.float32)
-                q, s, b = mx.quantize(w, group_size=group, bits=bits)
-                tensors[f"layers.{layer}.{name}.weight"] = q
-                tensors[f"layers.{layer}.{name}.scales"] = s.astype(m.mx_dtype)
-                tensors[f"layers.{layer}.{name}.biases"] = b.astype(m.mx_dtype)
-                mx.eval(tensors[f"layers.{layer}.{name}.biases"], q)
-    partial, crc = write_partial_safetensors(file, tensors, {
-        "format": "mlx-flash sketch", "version": str(SKETCH_VERSION)})
-    entry = {"file": SKETCH_FILE, "bits": bits, "group_size": group, "keep": keep,
-             "parts": names, "bytes": partial.stat().st_size, "crc32": crc}
+    rows = _DownRows(m) if down else None
+    try:
+        with open(m.ffn_path, "rb") as f:
+            for layer in tqdm(range(m.num_layers), desc="sketch", unit="layer",
+                              disable=not progress, leave=False):
+                records = fmt.read_layer_records(m, layer, file=f)
+                for name in names:
+                    w = m.part_values(records, m.part(name)).astype(mx.float32)
+                    q, s, b = mx.quantize(w, group_size=group, bits=bits)
+                    tensors[f"layers.{layer}.{name}.weight"] = q
+                    tensors[f"layers.{layer}.{name}.scales"] = s.astype(m.mx_dtype)
+                    tensors[f"layers.{layer}.{name}.biases"] = b.astype(m.mx_dtype)
+                    mx.eval(tensors[f"layers.{layer}.{name}.biases"], q)
+                if rows is not None:
+                    rows.add(records)
+        partial, crc = write_partial_safetensors(file, tensors, {
+            "format": "mlx-flash sketch", "version": str(SKETCH_VERSION)})
+        entry = {"file": SKETCH_FILE, "bits": bits, "group_size": group, "keep": keep,
+                 "parts": names, "bytes": partial.stat().st_size, "crc32": crc}
+        if rows is not None:  # complete before the manifest names it (its bytes are the records')
+            entry["down"] = rows.finish()
+    finally:
+        if rows is not None:
+            rows.discard()
     fmt.update_manifest(m.path, with_file=(partial, file), sketch=entry)
+    if rows is None:  # a sketch that reads whole records: an earlier one's down rows go
+        (m.path / DOWN_FILE).unlink(missing_ok=True)
     return {**entry, "path": str(file), "rewritten": True}
+
+
+class _DownRows:
+    """Writes `down.bin`: each layer's down rows (the records' column part, as stored) one after
+    another, the layer padded to the dir's alignment, through a partial file renamed into place
+    by `finish`; `discard` removes whatever is left of the partial file."""
+
+    def __init__(self, m: fmt.Manifest):
+        self.m, self.span = m, column_span(m)
+        self.file = m.path / DOWN_FILE
+        self.partial = m.path / (DOWN_FILE + ".partial")
+        self.crc, self.layers = 0, 0
+        self.f = self._io(lambda: open(self.partial, "wb"))
+
+    def add(self, records) -> None:
+        lo, hi = self.span
+        data = np.ascontiguousarray(records[:, lo:hi]).tobytes()
+        data += bytes(down_layer_bytes(self.m) - len(data))
+        self.crc = zlib.crc32(data, self.crc)
+        self._io(lambda: self.f.write(data))
+        self.layers += 1
+
+    def finish(self) -> dict:
+        def close():
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.partial, self.file)
+        self._io(close)
+        lo, hi = self.span
+        return {"file": DOWN_FILE, "row_bytes": hi - lo, "layer_bytes": down_layer_bytes(self.m),
+                "bytes": self.layers * down_layer_bytes(self.m), "crc32": self.crc}
+
+    def discard(self) -> None:
+        self.f.close()
+        self.partial.unlink(missing_ok=True)
+
+    def _io(self, op):
+        try:
+            return op()
+        except OSError as e:
+            self.partial.unlink(missing_ok=True)
+            raise FlashError(f"{self.m.path}: cannot write {DOWN_FILE} ({e.strerror}); is the "
+                             "disk full? The model dir is unchanged") from None
+
+
+def needs_down_file(m: fmt.Manifest) -> bool:
+    """Whether values mode reads its down rows from `down.bin`: where a record's down span does
+    not fill whole blocks of its own (packed records, or a down row smaller than a block)."""
+    lo, hi = column_span(m)
+    return m.packed or lo % m.alignment != 0 or hi % m.alignment != 0
+
+
+def down_layer_bytes(m: fmt.Manifest) -> int:
+    """One layer's down rows in `down.bin`, padded to the dir's alignment."""
+    lo, hi = column_span(m)
+    return round_up(m.ffn_dim * (hi - lo), m.alignment)
+
+
+def down_file(m: fmt.Manifest) -> tuple[Path, int, int] | None:
+    """Values mode's `down.bin`: (path, row bytes, layer bytes); None where the down rows are
+    read from the records."""
+    if not needs_down_file(m):
+        return None
+    entry = m.extra["sketch"]["down"]
+    return m.path / entry["file"], entry["row_bytes"], entry["layer_bytes"]
+
+
+def _down_problem(m: fmt.Manifest, entry: dict) -> str | None:
+    """What is wrong with a values sketch's `down` entry and file, or None."""
+    down = entry.get("down")
+    lo, hi = column_span(m)
+    want = {"file": DOWN_FILE, "row_bytes": hi - lo, "layer_bytes": down_layer_bytes(m),
+            "bytes": m.num_layers * down_layer_bytes(m)}
+    if not isinstance(down, dict):
+        return "missing (the down rows of values mode)"
+    for k, v in want.items():
+        if down.get(k) != v:
+            return f"{k} {down.get(k)!r}, expected {v!r}"
+    file = m.path / DOWN_FILE
+    if not file.is_file() or file.stat().st_size != want["bytes"]:
+        return f"{DOWN_FILE} is missing or not {want['bytes']} bytes"
+    return None
 
 
 def has_sketch(m: fmt.Manifest) -> bool:
@@ -168,6 +272,8 @@ def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> li
         raise FormatError(fmt.MANIFEST, "sketch.keep", f"{keep} is not in (0, 1]", fix)
     if bits >= VALUE_BITS:
         _check_values(m)
+        if needs_down_file(m) and (problem := _down_problem(m, entry)):
+            raise FormatError(fmt.MANIFEST, "sketch.down", problem, fix)
     try:
         header, _ = fmt.read_safetensors_header(file, SKETCH_FILE)
     except FormatError as e:
@@ -216,14 +322,13 @@ def _check_values(m: fmt.Manifest) -> None:
 
 def default_bits(m: fmt.Manifest) -> int:
     """The sketch `mlx-flash sketch` writes without --bits: 8-bit values where the records are
-    float, without biases, and a down row fills at least a block (reading it alone reads a third
-    of the record: Llama-1B shapes in bfloat16 and larger), else 4-bit ranking."""
+    float without biases (only the chosen neurons' down rows are read: at keep 0.6 a token reads
+    0.2 of the FFN's bytes, or with `down.bin` the blocks of those rows), else 4-bit ranking."""
     try:
         _check_values(m)
     except FlashError:
         return DEFAULT_BITS
-    lo, hi = column_span(m)
-    return VALUE_BITS if hi - lo >= m.alignment else DEFAULT_BITS
+    return VALUE_BITS
 
 
 def is_values(m: fmt.Manifest) -> bool:
@@ -239,10 +344,13 @@ def column_span(m: fmt.Manifest) -> tuple[int, int]:
 
 def values_costs(m: fmt.Manifest) -> tuple[int, int]:
     """Values mode's memory: what one cached neuron takes (its down row and bookkeeping), and
-    the second reader's scratch of a packed dir (each down span widened to its blocks)."""
+    the second reader's buffers: with `down.bin` (or a packed dir) its scratch of whole blocks
+    (a row touches at most two), with `down.bin` also the staging rows the cache reads through."""
     lo, hi = column_span(m)
-    scratch = stream_rows(m) * (hi - lo + 2 * m.alignment) if m.packed else 0
-    return hi - lo + NEURON_BOOKKEEPING, scratch
+    row, rows = hi - lo, stream_rows(m)
+    if needs_down_file(m):
+        return row + NEURON_BOOKKEEPING, rows * (2 * row + 2 * m.alignment)
+    return row + NEURON_BOOKKEEPING, 0
 
 
 def _scale_dtype(m: fmt.Manifest) -> mx.Dtype | None:
@@ -283,13 +391,13 @@ def expected_saving(m: fmt.Manifest, exact_rows: int, sketch_rows: int, keep: fl
     if exact == 0:
         return 0.0
     uncached = max(m.ffn_dim - sketch_rows, 0) / m.ffn_dim
-    if values:  # only the down span of a chosen record is read
+    if values:  # only the down rows of the chosen neurons are read
         lo, hi = column_span(m)
-        a = m.alignment
-        if m.packed:
-            read = 1 - (1 - keep) ** ((a + hi - lo) / m.record_bytes)
-        else:
-            read = keep * (-(-hi // a) * a - lo // a * a) / m.record_bytes
+        if needs_down_file(m):  # down.bin: a block holds parts of (block + row) / row rows
+            read = (1 - (1 - keep) ** ((m.alignment + hi - lo) / (hi - lo))) * (hi - lo)
+            read /= m.record_bytes
+        else:  # the down span of each record, whole blocks of its own
+            read = keep * (hi - lo) / m.record_bytes
     elif m.packed:
         shared = (m.alignment + m.record_bytes) / m.record_bytes
         read = 1 - (1 - keep) ** shared

@@ -290,9 +290,10 @@ class FlashReader:
         at = np.concatenate(([0], np.cumsum(sizes)[:-1]))  # scratch offset of each request
         total = int(sizes.sum())
         if self._scratch is None or self._scratch.size < total:
-            self._scratch = aligned_empty(1, max(total, 2 * (0 if self._scratch is None
-                                                              else self._scratch.size)),
-                                          self.alignment)[1].reshape(-1)
+            # exactly what this read needs (no doubling: the budget counts the largest read's
+            # blocks, sketch.values_costs)
+            self._scratch = None
+            self._scratch = aligned_empty(1, total, self.alignment)[1].reshape(-1)
         # Cut long requests into pieces of at most max_request_bytes (whole blocks).
         cap = max(a, self.max_request_rows * rb // a * a)
         pieces = -(-sizes // cap)

@@ -58,6 +58,10 @@ def verify(path: str | Path, progress: bool = True) -> dict:
             file = m.path / entry.get("file", f"{key}.safetensors")
             if file.is_file():
                 spans.append((file.name, "-", file, 0, file.stat().st_size, entry["crc32"]))
+            down = entry.get("down")  # values mode's down rows (sketch.py)
+            if isinstance(down, dict) and "crc32" in down and (file := m.path / str(
+                    down.get("file"))).is_file():
+                spans.append((file.name, "-", file, 0, file.stat().st_size, down["crc32"]))
     bad = []
     tic = time.perf_counter()
     with tqdm(total=sum(s[4] for s in spans), desc="verify", unit="B", unit_scale=True,
@@ -69,7 +73,7 @@ def verify(path: str | Path, progress: bool = True) -> dict:
         name, part = bad[0]
         more = f" (and {len(bad) - 1} more parts)" if len(bad) > 1 else ""
         fix = ("re-run `mlx-flash calibrate`" if name.startswith("predictors")
-               else "re-run `mlx-flash sketch`" if name.startswith("sketch")
+               else "re-run `mlx-flash sketch`" if name.startswith(("sketch", "down"))
                else "re-run `mlx-flash convert` on the source checkpoint")
         raise FormatError(name, part, f"checksum mismatch: its bytes changed after they were "
                           f"written{more}", fix)

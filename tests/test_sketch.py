@@ -17,7 +17,14 @@ from mlx_flash.convert import convert
 from mlx_flash.errors import FlashError, FormatError
 from mlx_flash.loader import load_tokenizer
 from mlx_flash.perplexity import perplexity, read_tokens
-from mlx_flash.sketch import SKETCH_FILE, default_bits, load_sketch, sketch_bytes, write_sketch
+from mlx_flash.sketch import (
+    DOWN_FILE,
+    SKETCH_FILE,
+    default_bits,
+    load_sketch,
+    sketch_bytes,
+    write_sketch,
+)
 
 from .conftest import CORPUS, ROOT
 
@@ -41,7 +48,7 @@ def smol_sketch(smol_f16, tmp_path_factory):
     shutil.copytree(smol_f16, path, copy_function=os.link)
     (path / fmt.MANIFEST).unlink()
     shutil.copy(smol_f16 / fmt.MANIFEST, path / fmt.MANIFEST)
-    r = json.loads(_cli("sketch", path, "--json").stdout)
+    r = json.loads(_cli("sketch", path, "--bits", "4", "--json").stdout)
     assert r["rewritten"] and r["bits"] == 4 and r["keep"] == 0.6
     return path
 
@@ -60,7 +67,7 @@ def test_sketch_file_cli_and_verify(smol_sketch):
     r = json.loads(_cli("sketch", smol_sketch, "--keep", "0.5", "--json").stdout)
     assert not r["rewritten"] and fmt.read_manifest(smol_sketch).extra["sketch"]["keep"] == 0.5
     assert (smol_sketch / SKETCH_FILE).stat().st_size == size
-    back = _cli("sketch", smol_sketch)  # back to the default; packed small records: a note
+    back = _cli("sketch", smol_sketch, "--bits", "4")  # back to 0.6; packed small records: a note
     assert "kept (new --keep only)" in back.stdout and "--layout aligned" in back.stderr
     bad = _cli("sketch", smol_sketch, "--bits", "5", check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "--bits 5" in bad.stderr
@@ -173,18 +180,29 @@ def test_auto_runs_the_sketch_where_it_fits_and_saves(smol_sketch, smol_f16):
 
 
 def test_auto_on_an_aligned_dir_asks_for_a_sketch_then_runs_it(smol_gguf, tmp_path):
-    """Aligned records (one 4 KiB block each): at 70%model a sketch is expected to read ~22%
-    less than the exact path (measured 23%, docs/BENCHMARKS.md): auto says to make one, then
-    runs it."""
+    """Aligned records (one 4 KiB block each): at 70%model the 8-bit values sketch does not fit
+    and a 4-bit one is expected to read ~22% less than the exact path (measured 23%,
+    docs/BENCHMARKS.md); at 80%model the values sketch fits and is expected to read ~58% less.
+    Auto names the sketch to make, then runs it: values mode, its down rows from down.bin."""
     path = convert(str(smol_gguf), out=tmp_path / "aligned", quantize=0, packed=False,
                    progress=False)
     model, _ = runtime.load(path, memory="70%model", max_context=256)
     assert model.flash.mode == "oracle"
-    assert f"less per token, for a little perplexity: run `mlx-flash sketch {path}`" in (
+    assert f"less per token, for a little perplexity: run `mlx-flash sketch {path} --bits 4`" in (
         model.flash.note)
+    model, _ = runtime.load(path, memory="80%model", max_context=256)
+    assert model.flash.note.endswith(f"run `mlx-flash sketch {path}`")
     write_sketch(path, progress=False)
-    model, _ = runtime.load(path, memory="70%model", max_context=256)
+    model, tok = runtime.load(path, memory="80%model", max_context=256)
     assert model.flash.mode == "sketch" and model.flash.note is None
+    rt = model.flash.runtime
+    assert rt.down_reader is not None and rt.down_reader.path.endswith(DOWN_FILE)
+    from mlx_flash.generation import generate
+
+    generate(model, tok, "The capital of France is", max_tokens=4)  # the window seeded too
+    s = rt.stats
+    assert s.tokens >= 3 and s.misses + s.overflow > 0
+    assert s.io.bytes < (s.misses + s.overflow) * 4096  # rows share blocks: under one each
 
 
 def _without_sketch(path):
@@ -205,6 +223,47 @@ def smol_values(smol_f16, tmp_path_factory):
     shutil.copy(smol_f16 / fmt.MANIFEST, path / fmt.MANIFEST)
     write_sketch(path, bits=8, progress=False)
     return path
+
+
+def test_down_file_holds_the_records_down_rows_and_is_checked(smol_values, tmp_path):
+    """SmolLM2's 1,152-byte down rows are smaller than a 4 KiB block: the 8-bit sketch writes
+    them again to down.bin, a layer's one after another, byte for byte the records' down spans.
+    `verify` checks it; a missing one is one error that says how to fix it; a 4-bit sketch
+    written over it removes it."""
+    m = fmt.read_manifest(smol_values)
+    entry = m.extra["sketch"]["down"]
+    lo, hi = m.part("down_proj").span
+    assert entry["row_bytes"] == hi - lo == 1152
+    data = np.fromfile(smol_values / DOWN_FILE, dtype=np.uint8)
+    assert data.size == entry["bytes"] == m.num_layers * entry["layer_bytes"]
+    for layer in (0, m.num_layers - 1):
+        rows = fmt.read_layer_records(m, layer)[:, lo:hi]
+        at = layer * entry["layer_bytes"]
+        np.testing.assert_array_equal(data[at : at + rows.size].reshape(rows.shape), rows)
+    path = tmp_path / "smol"
+    shutil.copytree(smol_values, path, copy_function=os.link)
+    for name in (DOWN_FILE, fmt.MANIFEST):  # own copies: the bytes below change
+        (path / name).unlink()
+        shutil.copy(smol_values / name, path / name)
+    assert _cli("verify", path, "--json").returncode == 0
+    with open(path / DOWN_FILE, "r+b") as f:
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 1]))
+    proc = _cli("verify", path, check=False)
+    assert proc.returncode == 1 and "down.bin" in proc.stderr and "mlx-flash sketch" in (
+        proc.stderr) and "Traceback" not in proc.stderr
+    (path / DOWN_FILE).unlink()
+    with pytest.raises(FormatError, match="down.bin is missing"):
+        runtime.load(path, mode="sketch", memory="2GB", max_context=64)
+    r = json.loads(_cli("sketch", path, "--bits", "4", "--json").stdout)
+    assert r["rewritten"] and "down" not in r
+    write_sketch(path, bits=8, progress=False)  # back: down.bin again
+    assert (path / DOWN_FILE).stat().st_size == entry["bytes"]
+    write_sketch(path, bits=4, progress=False)
+    assert not (path / DOWN_FILE).exists() and "down" not in fmt.read_manifest(path).extra[
+        "sketch"]
 
 
 @pytest.mark.parametrize("capacity", [2000, 40], ids=["cached", "overflow"])
@@ -231,8 +290,10 @@ def test_values_mode_is_the_sketch_times_the_down_rows(smol_values, capacity):
     want = h[ids] @ down[ids]
     np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
     io = rt.down_reader.delta(before)
-    # packed 3,456-byte records: each down span (1,152 bytes) costs its one or two 4 KiB blocks
-    assert 0 < io.bytes <= len(ids) * 2 * 4096
+    # down.bin: the chosen rows (1,152 bytes) share 4 KiB blocks: at most the layer's rows,
+    # under half the block or two each down span in the packed records cost
+    assert m.packed and rt.down_layer_bytes == 432 * 4096 == m.ffn_dim * (hi - lo)
+    assert 0 < io.bytes <= rt.down_layer_bytes + 4096 * 4 and io.bytes < len(ids) * 4096 / 2
 
 
 def test_values_mode_keeps_dense_quality_at_keep_one(smol_values, smol):
@@ -256,8 +317,8 @@ def test_values_mode_keeps_dense_quality_at_keep_one(smol_values, smol):
 
 def test_wide_records_get_values_by_default_and_auto_says_which_sketch_fits(tmp_path, smol_f16):
     """Llama shapes whose down row fills a 4 KiB block (d_model 2048, bfloat16; random weights:
-    plumbing, not quality): `mlx-flash sketch` writes the 8-bit values sketch there (SmolLM2's
-    1,152-byte down rows get the 4-bit one). Without a sketch, auto names the one that fits;
+    plumbing, not quality): `mlx-flash sketch` writes the 8-bit values sketch, and no down.bin:
+    each record's down span is a block of its own. Without a sketch, auto names the one that fits;
     with the 8-bit one, auto runs values mode where it fits and says a 4-bit one would where it
     does not. A decode token reads one 4 KiB block per neuron it misses: its down row."""
     from tools.synthetic_flash import write_synthetic_flash
@@ -265,7 +326,7 @@ def test_wide_records_get_values_by_default_and_auto_says_which_sketch_fits(tmp_
     path = write_synthetic_flash(tmp_path / "wide", d_model=2048, ffn_dim=4096, layers=2,
                                  vocab=8192, arch="llama", kv_heads=8, max_pos=512)
     m = fmt.read_manifest(path)
-    assert default_bits(m) == 8 and default_bits(fmt.read_manifest(smol_f16)) == 4
+    assert default_bits(m) == 8 and default_bits(fmt.read_manifest(smol_f16)) == 8
 
     def load(memory):
         model, tok = runtime.load(path, memory=memory, max_context=64)
@@ -275,6 +336,7 @@ def test_wide_records_get_values_by_default_and_auto_says_which_sketch_fits(tmp_
     assert load("90%model")[2].endswith(f"run `mlx-flash sketch {path}`")
     r = json.loads(_cli("sketch", path, "--json").stdout)
     assert r["bits"] == 8 and fmt.read_manifest(path).extra["sketch"]["bits"] == 8
+    assert "down" not in r and not (path / DOWN_FILE).exists()
     assert f"a 4-bit one would fit and read less: `mlx-flash sketch {path} --bits 4`" in (
         load("80%model")[2])
     model, tok, note = load("90%model")
