@@ -201,7 +201,8 @@ def _plan(ckpt: Checkpoint | GGUFCheckpoint, dtype: str | None, quantize: int | 
         raise CheckpointError(f"{ckpt.path}/config.json: {spec.experts[0]} is "
                               f"{spec.num_experts(text)!r}, expected a positive int")
     names = {spec.checkpoint_key(k): k for k in ckpt.keys()}
-    names = {n: k for n, k in names.items() if not n.startswith(spec.unused)}  # vision tower
+    names = {n: k for n, k in names.items()  # a vision tower, a model's own predictors
+             if not n.startswith(spec.unused) and not any(i in n for i in spec.unused_infix)}
     sources = tuple((f"{module}.weight", chunk, chunks)
                     for module, chunk, chunks in (p.source() for p in spec.parts))
     biases = set()

@@ -55,7 +55,8 @@ def spec(activation: str = "hidden_act", default: str = "silu",
         dims=("hidden_size", "intermediate_size", "num_hidden_layers"),
         parts=(*rows, RecordPart("down_proj", f"{module}.down_proj", "column")),
         hidden=_hidden,
-        activation=lambda config: config.get(activation, default),
+        activation=lambda config: activations.with_param(config.get(activation, default),
+                                                         config.get("hidden_act_param")),
     )
 
 
@@ -83,13 +84,16 @@ def unpack_rope(args, params: dict | None = None) -> None:
 
 def model_args(base: type, model: str) -> type:
     """`base` (an mlx-lm ModelArgs) with `hidden_act` (the activation we implement, SiLU by
-    default) and transformers 5's `rope_parameters` unpacked into mlx-lm's rope fields."""
+    default; "fatrelu" with `hidden_act_param` its threshold) and transformers 5's
+    `rope_parameters` unpacked into mlx-lm's rope fields."""
 
     def post_init(self):
         base.__post_init__(self)
+        self.hidden_act = activations.with_param(self.hidden_act, self.hidden_act_param)
         check_args(self, model)
         unpack_rope(self)
 
     return dataclasses.make_dataclass(
-        "ModelArgs", [("hidden_act", str, "silu"), ("rope_parameters", dict | None, None)],
+        "ModelArgs", [("hidden_act", str, "silu"), ("hidden_act_param", float | None, None),
+                      ("rope_parameters", dict | None, None)],
         bases=(base,), namespace={"__post_init__": post_init, "__module__": base.__module__})

@@ -76,6 +76,7 @@ class FlashSpec:
     router: str | None = None  # MoE: attribute path of the router (a Linear) in a decoder layer
     text_config: str | None = None  # multimodal: config.json key of the text model's config
     unused: tuple[str, ...] = ()  # checkpoint name prefixes convert leaves out
+    unused_infix: tuple[str, ...] = ()  # and name pieces (in every layer) it leaves out
     check: Callable[[dict], None] = lambda text: None
 
     def text(self, config: dict) -> dict:
