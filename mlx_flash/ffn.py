@@ -8,6 +8,7 @@ and the FFN runs as one dense matmul over the cache's contiguous rows. See DESIG
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import mlx.core as mx
@@ -296,7 +297,7 @@ class FlashMLP(nn.Module):
         rt, m = self._rt, self._rt.manifest
         t0 = time.perf_counter()
         hidden, ids = self.predictor.top(x)  # the layer's one device->host sync
-        h = hidden.astype(x.dtype)
+        h = hidden if m.quantization is not None else hidden.astype(x.dtype)  # float32 stays
         t1 = time.perf_counter()
         reader = rt.down_reader
         before = reader.snapshot()
@@ -306,8 +307,13 @@ class FlashMLP(nn.Module):
         self.cache.slide(self._step, rt.window)
         self._step += 1
         cache_io_s = reader.delta(before).seconds
-        down = self.cache.part_weights(m.mx_dtype)[0]  # (num_used, d)
-        y = _times(h[:, mx.array(self.cache.ids())], down).astype(mx.float32)
+        if m.quantization is None:
+            down = self.cache.part_weights(m.mx_dtype)[0]  # (num_used, d)
+            y = _times(h[:, mx.array(self.cache.ids())], down).astype(mx.float32)
+        else:  # (packed, scales, biases) of the down rows
+            w, s_, b = self.cache.part_weights()
+            y = self._down_q(h[:, mx.array(self.cache.ids())], w.view(mx.uint32),
+                             s_.view(m.mx_dtype), b.view(m.mx_dtype))
         streamed_s = 0.0
         if len(overflow):  # beyond the cache: read a buffer's worth at a time, computed at once
             t2 = time.perf_counter()
@@ -317,8 +323,12 @@ class FlashMLP(nn.Module):
                 piece = overflow[a : a + rows]
                 out = rt.down_stage[: len(piece)]
                 reader.read(offset, piece, out)
-                column = mx.array(np.ascontiguousarray(out[:, lo:hi])).view(m.mx_dtype)
-                y = y + _times(h[:, mx.array(piece)], column).astype(mx.float32)
+                if m.quantization is None:
+                    column = mx.array(np.ascontiguousarray(out[:, lo:hi])).view(m.mx_dtype)
+                    y = y + _times(h[:, mx.array(piece)], column).astype(mx.float32)
+                else:
+                    part = dataclasses.replace(self._column_part, offset=lo)
+                    y = y + self._down_q(h[:, mx.array(piece)], *m.part_arrays(out, part))
                 mx.eval(y)  # the buffer is read into again by the next piece
             streamed_s = time.perf_counter() - t2
         io = reader.delta(before)
@@ -328,6 +338,12 @@ class FlashMLP(nn.Module):
         self._count_decode(io, t1 - t0, cache_s, stats.hits, stats.misses, stats.evicted,
                            wait_s=cache_io_s + streamed_s)
         return y.astype(x.dtype)
+
+    def _down_q(self, h: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        """h (n_tok, n) times n quantized down rows, in float32 (as `_ffn`)."""
+        return mx.quantized_matmul(h.astype(mx.float32), w, scales.astype(mx.float32),
+                                   biases.astype(mx.float32), transpose=False,
+                                   **self._qkw[self._column_part.name])
 
     def _count_decode(self, io: ReadStats, predict_s, cache_s, hits, misses, evicted,
                       wait_s: float | None = None) -> None:
@@ -395,8 +411,13 @@ def _new_cache(rt: FlashRuntime, capacity: int) -> NeuronCache:
     quantized records keep packed values, scales and biases apart, or are dequantized on insert."""
     m = rt.manifest
     spans = [p.span for p in m.parts]
-    if rt.down_reader is not None:  # values mode: the down rows only
-        return NeuronCache(capacity, rt.down_stage.shape[1], m.ffn_dim, parts=[rt.down_span],
+    if rt.down_reader is not None:  # values mode: the down rows only (quantized: kept so)
+        lo, hi = rt.down_span
+        spans = [(lo, hi)]
+        if m.quantization is not None:
+            w, s, _ = m.part_quantization(rt.spec.column_part).spans(m.d_model, m.itemsize)
+            spans = [(lo, lo + w), (lo + w, lo + w + s), (lo + w + s, hi)]
+        return NeuronCache(capacity, rt.down_stage.shape[1], m.ffn_dim, parts=spans,
                            staging=rt.down_stage)
     if m.quantization is None:
         return NeuronCache(capacity, m.record_bytes, m.ffn_dim, parts=spans, staging=rt.chunk_np)

@@ -18,6 +18,7 @@ from . import activations, models, platform, quant
 from .bench.options import DEFAULT as DEFAULT_BENCH
 from .bench.options import BenchOptions
 from .checkpoint import load_config
+from .down_rows import down_file
 from .errors import FlashError
 from .ffn import FlashMLP
 from .ffn_shared import BRIDGE_DENSITY, FlashRuntime
@@ -29,9 +30,6 @@ from .profiles import profile_used, reader_settings
 from .sketch import (
     DEFAULT_BITS,
     DEFAULT_KEEP,
-    VALUE_BITS,
-    default_bits,
-    down_file,
     expected_saving,
     has_sketch,
     is_values,
@@ -39,6 +37,7 @@ from .sketch import (
     sketch_bytes,
     values_costs,
 )
+from .sketch import choices as sketch_choices
 from .state import FlashState, FlashStats
 from .storage import aligned_empty
 from .tensors import load_resident
@@ -191,7 +190,7 @@ def load(
             budget.neuron_bytes, budget.buffers = neuron_bytes, buffers
             smaller = ""
             if values and not fits:  # would a 4-bit sketch fit and save?
-                rows = budget.capacity_with(sketch_bytes(manifest, True, DEFAULT_BITS))
+                rows = budget.capacity_with(sketch_bytes(manifest, True, DEFAULT_BITS, own=False))
                 if rows >= 1 and (expected_saving(manifest, exact_rows, rows, keep)
                                   >= MIN_PREDICTED_SAVING):
                     smaller = (f"; a 4-bit one would fit and read less: `mlx-flash sketch "
@@ -260,12 +259,10 @@ def load(
             and not manifest.experts and capacity is None and not has_sketch(manifest)
             and manifest.d_model % 32 == 0):
         # a gated FFN computed whole where a sketch would read less: say how to make one
-        for bits in sorted({default_bits(manifest), DEFAULT_BITS}, reverse=True):
-            values = bits >= VALUE_BITS  # the default first, then a 4-bit one
-            rows = _planned_sketch_rows(manifest, budget, values, bits)
+        for bits, values, own, how in sketch_choices(manifest):  # the default first
+            rows = _planned_sketch_rows(manifest, budget, values, bits, own)
             saving = expected_saving(manifest, budget.capacity, rows, DEFAULT_KEEP, values)
             if rows >= 1 and saving >= MIN_PREDICTED_SAVING:
-                how = "" if bits == default_bits(manifest) else f" --bits {bits}"
                 note = (f"note: every neuron is computed (the exact path); at this budget a "
                         f"sketch would read about {saving:.0%} less per token, for a little "
                         f"perplexity: run `mlx-flash sketch {path}{how}`")
@@ -380,11 +377,12 @@ def check_memory_limit(budget: int, base_rss: int) -> None:
                      f"the {format_bytes(limit)} memory limit of its cgroup; {fix}")
 
 
-def _planned_sketch_rows(m: Manifest, budget: Budget, values: bool, bits: int) -> int:
-    """The cache rows per layer beside a sketch of `bits` not yet written: its memory out of
-    the caches, and in values mode (its rows are down rows) a packed dir's second reader's
-    scratch."""
-    other = sketch_bytes(m, planned=True, bits=bits)
+def _planned_sketch_rows(m: Manifest, budget: Budget, values: bool, bits: int,
+                         own: bool) -> int:
+    """The cache rows per layer beside a sketch of `bits` (`own`: a quantized dir's own rows)
+    not yet made: its memory out of the caches, and in values mode (its rows are down rows) the
+    second reader's buffers."""
+    other = sketch_bytes(m, planned=True, bits=bits, own=own)
     if not values:
         return budget.capacity_with(other)
     row, scratch = values_costs(m)

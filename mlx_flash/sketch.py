@@ -20,8 +20,6 @@ float16 bytes, 35% of the FFN.
 
 from __future__ import annotations
 
-import os
-import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,16 +28,12 @@ from tqdm import tqdm
 
 from . import activations, models
 from . import format as fmt
+from .down_rows import DOWN_FILE, DownRows, column_span, down_problem, needs_down_file
 from .errors import FlashError, FormatError
-from .layout import round_up
 from .memory import NEURON_BOOKKEEPING, stream_rows
 from .tensors import load_uncached, write_partial_safetensors
 
 SKETCH_FILE = "sketch.safetensors"
-# values mode where a record's down span does not fill whole blocks of its own (SmolLM2: 1,152
-# bytes in a 4 KiB block, so reading it alone read 3.6x its bytes): each layer's down rows again,
-# one after another, so a token's chosen rows share their blocks
-DOWN_FILE = "down.bin"
 SKETCH_VERSION = 1
 DEFAULT_BITS = 4
 # The share of each layer's neurons a token computes: the nearest measured point to the issue's
@@ -66,7 +60,7 @@ class Sketch:
     of neurons by the sketched |hidden|."""
 
     def __init__(self, parts: dict[str, tuple[mx.array, mx.array, mx.array]], spec, act,
-                 keep: float, bits: int, group: int):
+                 keep: float, bits: int, group: int, values: bool | None = None):
         if not 0.0 < keep <= 1.0:
             raise FlashError(f"keep must be in (0, 1], got {keep}")
         self.parts, self.spec, self.act = parts, spec, act
@@ -74,7 +68,8 @@ class Sketch:
         w, scales, _ = next(iter(parts.values()))
         self.ffn_dim, self.dtype = w.shape[0], scales.dtype
         self.k = max(1, round(keep * self.ffn_dim))
-        self.values = bits >= VALUE_BITS  # the sketch's hidden is the value (only down is read)
+        # the sketch's hidden is the value (only down is read): 8 bits, or a quantized dir's own
+        self.values = bits >= VALUE_BITS if values is None else values
 
     @property
     def nbytes(self) -> int:
@@ -116,16 +111,18 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
     where None, an existing sketch's, else `default_bits`."""
     m = fmt.read_manifest(path)
     entry = m.extra.get("sketch")
-    if bits is None and not m.experts:  # an existing sketch keeps its bits
-        made = entry.get("bits") if isinstance(entry, dict) and has_sketch(m) else None
-        bits = made if made in BITS else default_bits(m)
     if m.experts:
         raise FlashError(f"{m.path}: a mixture of experts needs no sketch (its router picks the "
                          "experts exactly)")
-    if bits not in BITS:
-        raise FlashError(f"--bits {bits}: choose one of {', '.join(map(str, BITS))}")
     if not 0.0 < keep <= 1.0:
         raise FlashError(f"--keep {keep}: a share of each layer's neurons in (0, 1]")
+    if bits is None:  # an existing sketch keeps its kind, else the default one
+        made = entry if isinstance(entry, dict) and has_sketch(m) else {}
+        if made.get("own") or (not made and own_values(m)):
+            return _write_own(m, keep, progress)
+        bits = made.get("bits") if made.get("bits") in BITS else default_bits(m)
+    if bits not in BITS:
+        raise FlashError(f"--bits {bits}: choose one of {', '.join(map(str, BITS))}")
     spec = models.flash_spec(m.architecture)
     if bits >= VALUE_BITS:
         _check_values(m)
@@ -133,13 +130,14 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
     file = m.path / SKETCH_FILE
     down = bits >= VALUE_BITS and needs_down_file(m)
     if (isinstance(entry, dict) and entry.get("bits") == bits and file.is_file()
+            and not entry.get("own")
             and entry.get("bytes") == file.stat().st_size
-            and (not down or _down_problem(m, entry) is None)):
+            and (not down or down_problem(m, entry) is None)):
         fmt.update_manifest(m.path, sketch={**entry, "keep": keep})
         return {**entry, "keep": keep, "path": str(file), "rewritten": False}
     names = [p.name for p in spec.row_parts]
     tensors = {}
-    rows = _DownRows(m) if down else None
+    rows = DownRows(m) if down else None
     try:
         with open(m.ffn_path, "rb") as f:
             for layer in tqdm(range(m.num_layers), desc="sketch", unit="layer",
@@ -169,91 +167,50 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
     return {**entry, "path": str(file), "rewritten": True}
 
 
-class _DownRows:
-    """Writes `down.bin`: each layer's down rows (the records' column part, as stored) one after
-    another, the layer padded to the dir's alignment, through a partial file renamed into place
-    by `finish`; `discard` removes whatever is left of the partial file."""
+def own_values(m: fmt.Manifest) -> bool:
+    """Whether the dir's sketch by default is its own gate/up rows: quantized records without
+    biases (a quantized model's rows are as small as a sketch of them, and exact)."""
+    return m.quantization is not None and not m.experts and not any(p.bias for p in m.parts)
 
-    def __init__(self, m: fmt.Manifest):
-        self.m, self.span = m, column_span(m)
-        self.file = m.path / DOWN_FILE
-        self.partial = m.path / (DOWN_FILE + ".partial")
-        self.crc, self.layers = 0, 0
-        self.f = self._io(lambda: open(self.partial, "wb"))
 
-    def add(self, records) -> None:
-        lo, hi = self.span
-        data = np.ascontiguousarray(records[:, lo:hi]).tobytes()
-        data += bytes(down_layer_bytes(self.m) - len(data))
-        self.crc = zlib.crc32(data, self.crc)
-        self._io(lambda: self.f.write(data))
-        self.layers += 1
-
-    def finish(self) -> dict:
-        def close():
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.partial, self.file)
-        self._io(close)
-        lo, hi = self.span
-        return {"file": DOWN_FILE, "row_bytes": hi - lo, "layer_bytes": down_layer_bytes(self.m),
-                "bytes": self.layers * down_layer_bytes(self.m), "crc32": self.crc}
-
-    def discard(self) -> None:
-        self.f.close()
-        self.partial.unlink(missing_ok=True)
-
-    def _io(self, op):
+def _write_own(m: fmt.Manifest, keep: float, progress: bool) -> dict:
+    """A quantized dir's values mode: its own gate/up rows stay resident (nothing to write but
+    the manifest entry and, where a down row is smaller than a block, `down.bin`)."""
+    if not own_values(m):
+        raise FlashError(f"{m.path}: its own gate/up rows are the values only in a quantized "
+                         "dir without FFN biases: use --bits 4")
+    spec = models.flash_spec(m.architecture)
+    q = m.part_quantization(spec.row_parts[0])
+    entry = m.extra.get("sketch")
+    new = {"own": True, "bits": q.bits, "group_size": q.group_size, "keep": keep,
+           "parts": [p.name for p in spec.row_parts]}
+    down = needs_down_file(m)
+    if (isinstance(entry, dict) and entry.get("own")
+            and (not down or down_problem(m, entry) is None)):
+        new = {**entry, "keep": keep}
+        fmt.update_manifest(m.path, sketch=new)
+        return {**new, "path": str(m.path), "rewritten": False}
+    if down:
+        rows = DownRows(m)
         try:
-            return op()
-        except OSError as e:
-            self.partial.unlink(missing_ok=True)
-            raise FlashError(f"{self.m.path}: cannot write {DOWN_FILE} ({e.strerror}); is the "
-                             "disk full? The model dir is unchanged") from None
-
-
-def needs_down_file(m: fmt.Manifest) -> bool:
-    """Whether values mode reads its down rows from `down.bin`: where a record's down span does
-    not fill whole blocks of its own (packed records, or a down row smaller than a block)."""
-    lo, hi = column_span(m)
-    return m.packed or lo % m.alignment != 0 or hi % m.alignment != 0
-
-
-def down_layer_bytes(m: fmt.Manifest) -> int:
-    """One layer's down rows in `down.bin`, padded to the dir's alignment."""
-    lo, hi = column_span(m)
-    return round_up(m.ffn_dim * (hi - lo), m.alignment)
-
-
-def down_file(m: fmt.Manifest) -> tuple[Path, int, int] | None:
-    """Values mode's `down.bin`: (path, row bytes, layer bytes); None where the down rows are
-    read from the records."""
-    if not needs_down_file(m):
-        return None
-    entry = m.extra["sketch"]["down"]
-    return m.path / entry["file"], entry["row_bytes"], entry["layer_bytes"]
-
-
-def _down_problem(m: fmt.Manifest, entry: dict) -> str | None:
-    """What is wrong with a values sketch's `down` entry and file, or None."""
-    down = entry.get("down")
-    lo, hi = column_span(m)
-    want = {"file": DOWN_FILE, "row_bytes": hi - lo, "layer_bytes": down_layer_bytes(m),
-            "bytes": m.num_layers * down_layer_bytes(m)}
-    if not isinstance(down, dict):
-        return "missing (the down rows of values mode)"
-    for k, v in want.items():
-        if down.get(k) != v:
-            return f"{k} {down.get(k)!r}, expected {v!r}"
-    file = m.path / DOWN_FILE
-    if not file.is_file() or file.stat().st_size != want["bytes"]:
-        return f"{DOWN_FILE} is missing or not {want['bytes']} bytes"
-    return None
+            with open(m.ffn_path, "rb") as f:
+                for layer in tqdm(range(m.num_layers), desc="down rows", unit="layer",
+                                  disable=not progress, leave=False):
+                    rows.add(fmt.read_layer_records(m, layer, file=f))
+            new["down"] = rows.finish()
+        finally:
+            rows.discard()
+    fmt.update_manifest(m.path, sketch=new)
+    (m.path / SKETCH_FILE).unlink(missing_ok=True)  # an earlier sketch of its own
+    if not down:
+        (m.path / DOWN_FILE).unlink(missing_ok=True)
+    return {**new, "path": str(m.path), "rewritten": True}
 
 
 def has_sketch(m: fmt.Manifest) -> bool:
-    return isinstance(m.extra.get("sketch"), dict) and (m.path / SKETCH_FILE).is_file()
+    entry = m.extra.get("sketch")
+    return isinstance(entry, dict) and (bool(entry.get("own"))
+                                        or (m.path / SKETCH_FILE).is_file())
 
 
 def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> list[Sketch]:
@@ -261,9 +218,11 @@ def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> li
     fix = FIX.format(dir=m.path)
     entry = m.extra.get("sketch")
     file = m.path / SKETCH_FILE
-    if not isinstance(entry, dict) or not file.is_file():
+    if not has_sketch(m):
         raise FlashError(f"no sketch in {m.path}: run `mlx-flash sketch {m.path}`")
     spec = models.flash_spec(m.architecture)
+    if entry.get("own"):
+        return _load_own(m, entry, spec, act_name, keep)
     bits, group = entry.get("bits"), entry.get("group_size")
     keep = entry.get("keep", DEFAULT_KEEP) if keep is None else keep
     if bits not in BITS or group not in (32, 64) or m.d_model % group:
@@ -272,7 +231,7 @@ def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> li
         raise FormatError(fmt.MANIFEST, "sketch.keep", f"{keep} is not in (0, 1]", fix)
     if bits >= VALUE_BITS:
         _check_values(m)
-        if needs_down_file(m) and (problem := _down_problem(m, entry)):
+        if needs_down_file(m) and (problem := down_problem(m, entry)):
             raise FormatError(fmt.MANIFEST, "sketch.down", problem, fix)
     try:
         header, _ = fmt.read_safetensors_header(file, SKETCH_FILE)
@@ -309,12 +268,48 @@ def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> li
     return out
 
 
+def _load_own(m: fmt.Manifest, entry: dict, spec, act_name: str,
+              keep: float | None) -> list[Sketch]:
+    """A quantized dir's own gate/up rows as its values sketch, read from the records around
+    the page cache (as the resident weights are)."""
+    from .storage import FlashReader, aligned_empty
+
+    fix = FIX.format(dir=m.path)
+    keep = entry.get("keep", DEFAULT_KEEP) if keep is None else keep
+    if not own_values(m):
+        raise FormatError(fmt.MANIFEST, "sketch.own", "set for a dir whose records are float or "
+                          "have biases", fix)
+    q = m.part_quantization(spec.row_parts[0])
+    if (entry.get("bits"), entry.get("group_size")) != (q.bits, q.group_size):
+        raise FormatError(fmt.MANIFEST, "sketch", f"bits {entry.get('bits')}, group_size "
+                          f"{entry.get('group_size')}, not the records' {q.bits}, "
+                          f"{q.group_size}", fix)
+    if not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise FormatError(fmt.MANIFEST, "sketch.keep", f"{keep} is not in (0, 1]", fix)
+    if needs_down_file(m) and (problem := down_problem(m, entry)):
+        raise FormatError(fmt.MANIFEST, "sketch.down", problem, fix)
+    act, wide = activations.mlx_fn(act_name), _scale_dtype(m)
+    _, buf = aligned_empty(1, m.layer_bytes, m.alignment)
+    out = []
+    with FlashReader(m.ffn_path, m.record_bytes, threads=4) as reader:
+        for i in range(m.num_layers):
+            reader.read_range(m.layer_offset(i), m.layer_bytes, buf)
+            records = buf.reshape(-1)[: m.ffn_dim * m.record_bytes].reshape(m.ffn_dim, -1)
+            parts = {}
+            for p in spec.row_parts:
+                w, s, b = m.part_arrays(records, m.part(p.name))  # copies: buf is read again
+                parts[p.name] = (w, s.astype(wide), b.astype(wide)) if wide else (w, s, b)
+            mx.eval(parts)
+            out.append(Sketch(parts, spec, act, float(keep), q.bits, q.group_size, values=True))
+    return out
+
+
 def _check_values(m: fmt.Manifest) -> None:
     """An 8-bit sketch stands in for float gate/up rows without biases (values mode)."""
     if m.quantization is not None:
         raise FlashError(f"{m.path}: an {VALUE_BITS}-bit sketch supplies the values of float "
-                         f"records; this dir is {m.quantization.bits}-bit: use --bits 4 (or "
-                         "fewer than its own bits)")
+                         f"records; this dir is {m.quantization.bits}-bit: `mlx-flash sketch "
+                         f"{m.path}` without --bits makes its own gate/up rows the values")
     if any(p.bias for p in m.parts):
         raise FlashError(f"{m.path}: an {VALUE_BITS}-bit sketch supplies gate/up values without "
                          "biases; this model's FFN has biases: use --bits 4")
@@ -332,14 +327,10 @@ def default_bits(m: fmt.Manifest) -> int:
 
 
 def is_values(m: fmt.Manifest) -> bool:
-    """Whether the dir's sketch is a values sketch (only the down rows are read)."""
+    """Whether the dir's sketch is a values sketch (only the down rows are read): 8 bits, or a
+    quantized dir's own gate/up rows."""
     entry = m.extra.get("sketch")
-    return has_sketch(m) and isinstance(entry, dict) and entry.get("bits", 0) >= VALUE_BITS
-
-
-def column_span(m: fmt.Manifest) -> tuple[int, int]:
-    """The byte span of the column part (down) in a record."""
-    return m.part(models.flash_spec(m.architecture).column_part.name).span
+    return has_sketch(m) and (bool(entry.get("own")) or entry.get("bits", 0) >= VALUE_BITS)
 
 
 def values_costs(m: fmt.Manifest) -> tuple[int, int]:
@@ -359,19 +350,41 @@ def _scale_dtype(m: fmt.Manifest) -> mx.Dtype | None:
     return mx.float32 if mx.default_device().type != mx.DeviceType.gpu else None
 
 
-def sketch_bytes(m: fmt.Manifest, planned: bool = False, bits: int | None = None) -> int:
+def sketch_bytes(m: fmt.Manifest, planned: bool = False, bits: int | None = None,
+                 own: bool | None = None) -> int:
     """The sketch's bytes in memory as `load_sketch` holds it; 0 without one (`planned`: what a
-    sketch of `bits` (default: `default_bits`) would hold, made or not)."""
+    sketch of `bits` would hold, made or not: `own` a quantized dir's own rows, else
+    `default_bits`; without either, the default sketch)."""
     if m.experts or not (planned or has_sketch(m)):
         return 0
     entry = m.extra.get("sketch") if not planned else None
     entry = entry if isinstance(entry, dict) else {}
-    bits = bits or entry.get("bits") or default_bits(m)
-    group = entry.get("group_size") or group_size(m.d_model)
+    spec = models.flash_spec(m.architecture)
+    if planned:
+        own = (own_values(m) and bits is None) if own is None else own
+    else:
+        own = bool(entry.get("own"))
+    if own:
+        q = m.part_quantization(spec.row_parts[0])
+        bits, group = q.bits, q.group_size
+    else:
+        bits = bits or entry.get("bits") or default_bits(m)
+        group = entry.get("group_size") or group_size(m.d_model)
     scale = 4 if _scale_dtype(m) is not None else m.itemsize
-    parts = len(models.flash_spec(m.architecture).row_parts)
     per_part = m.ffn_dim * (m.d_model * bits // 8 + 2 * (m.d_model // group) * scale)
-    return m.num_layers * parts * per_part
+    return m.num_layers * len(spec.row_parts) * per_part
+
+
+def choices(m: fmt.Manifest) -> list[tuple[int, bool, bool, str]]:
+    """The sketches `auto` may suggest, the default first: (bits, values, own, the `mlx-flash
+    sketch` options that make it)."""
+    if own_values(m):
+        q = m.part_quantization(models.flash_spec(m.architecture).row_parts[0])
+        return [(q.bits, True, True, ""), (DEFAULT_BITS, False, False, f" --bits {DEFAULT_BITS}")]
+    bits = default_bits(m)
+    if bits == DEFAULT_BITS:
+        return [(bits, False, False, "")]
+    return [(bits, True, False, ""), (DEFAULT_BITS, False, False, f" --bits {DEFAULT_BITS}")]
 
 
 def expected_saving(m: fmt.Manifest, exact_rows: int, sketch_rows: int, keep: float,

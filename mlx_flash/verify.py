@@ -54,14 +54,14 @@ def verify(path: str | Path, progress: bool = True) -> dict:
                   sums.get("resident")))
     for key in ("predictors", "sketch"):  # files written after convert, each with its CRC
         entry = m.extra.get(key)
-        if isinstance(entry, dict) and "crc32" in entry:
-            file = m.path / entry.get("file", f"{key}.safetensors")
-            if file.is_file():
-                spans.append((file.name, "-", file, 0, file.stat().st_size, entry["crc32"]))
-            down = entry.get("down")  # values mode's down rows (sketch.py)
-            if isinstance(down, dict) and "crc32" in down and (file := m.path / str(
-                    down.get("file"))).is_file():
-                spans.append((file.name, "-", file, 0, file.stat().st_size, down["crc32"]))
+        if not isinstance(entry, dict):
+            continue
+        # values mode's down rows (down_rows.py), also beside a quantized dir's own rows
+        for item in (entry, entry.get("down")):
+            if isinstance(item, dict) and "crc32" in item:
+                file = m.path / str(item.get("file", f"{key}.safetensors"))
+                if file.is_file():
+                    spans.append((file.name, "-", file, 0, file.stat().st_size, item["crc32"]))
     bad = []
     tic = time.perf_counter()
     with tqdm(total=sum(s[4] for s in spans), desc="verify", unit="B", unit_scale=True,

@@ -350,3 +350,63 @@ def test_wide_records_get_values_by_default_and_auto_says_which_sketch_fits(tmp_
     assert s.tokens >= 3 and s.misses + s.overflow > 0
     # each missed neuron costs its down row's one block, nothing of its gate and up rows
     assert s.io.bytes == (s.misses + s.overflow) * 4096
+
+
+@pytest.fixture(scope="module")
+def smol_own(smol, tmp_path_factory):
+    """The 4-bit SmolLM2 dir whose own gate/up rows are its values sketch (`mlx-flash sketch`
+    on a quantized dir): nothing written but down.bin."""
+    path = tmp_path_factory.mktemp("own") / "smol"
+    shutil.copytree(smol, path, copy_function=os.link)
+    (path / fmt.MANIFEST).unlink()
+    shutil.copy(smol / fmt.MANIFEST, path / fmt.MANIFEST)
+    r = json.loads(_cli("sketch", path, "--json").stdout)
+    assert r["own"] and r["bits"] == 4 and r["group_size"] == 32 and r["rewritten"]
+    assert not (path / SKETCH_FILE).exists() and (path / DOWN_FILE).is_file()
+    assert json.loads(_cli("verify", path, "--json").stdout)["parts"] == _convert_parts(path) + 1
+    return path
+
+
+def _convert_parts(path):
+    """What `verify` checks of a dir as convert wrote it: each layer, the header, resident."""
+    return fmt.read_manifest(path).num_layers + 2
+
+
+def test_quantized_dir_values_are_its_own_rows(smol_own):
+    """A 4-bit dir's values mode: the chosen neurons' act(gate)*up is computed from the records'
+    own 4-bit gate/up rows (numpy on the dequantized records: exact to float32 rounding) and
+    multiplied by their 4-bit down rows, cached quantized or read from down.bin past the
+    cache. What it holds is the 4-bit rows' bytes (scales in float32 on a CPU)."""
+    m = fmt.read_manifest(smol_own)
+    for capacity in (40,):  # 40 cached, the rest of the 922 chosen read past the cache
+        model, _ = runtime.load(smol_own, mode="sketch", capacity=capacity, max_context=64)
+        rt = model.flash.runtime
+        assert rt.down_reader is not None and rt.down_reader.path.endswith(DOWN_FILE)
+        held = sum(mlp.predictor.nbytes for mlp in rt.layers)
+        assert held == model.flash.budget.other == sketch_bytes(m)
+        layer = 11
+        mlp = rt.layers[layer]
+        x = mx.array(np.random.default_rng(1).standard_normal((1, 1, m.d_model))
+                     .astype(np.float16))
+        hidden, ids = mlp.predictor.top(x.reshape(1, -1))
+        records = fmt.read_layer_records(m, layer)
+        g, u, down = (np.array(m.part_values(records, m.part(n)).astype(mx.float32))
+                      for n in ("gate_proj", "up_proj", "down_proj"))
+        xs = np.array(x.astype(mx.float32)).reshape(-1)
+        zg, zu = g @ xs, u @ xs
+        exact = zg / (1 + np.exp(-zg)) * zu
+        h = np.array(hidden.astype(mx.float32)).reshape(-1)
+        np.testing.assert_allclose(h, exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
+        y = np.array(mlp(x).astype(mx.float32)).reshape(-1)
+        want = exact[ids].astype(np.float64) @ down[ids]  # to the float16 output's rounding
+        np.testing.assert_allclose(y, want, rtol=0, atol=2e-3 * np.abs(want).max())
+        assert mlp.cache.row_bytes == m.part("down_proj").nbytes  # 4-bit down rows
+
+
+def test_quantized_dir_sketch_kinds(smol_own):
+    """A 4-bit sketch written over a dir's own rows removes down.bin; without --bits the kind a
+    dir has is kept (a new --keep only)."""
+    r = json.loads(_cli("sketch", smol_own, "--bits", "4", "--json").stdout)
+    assert r["rewritten"] and not r.get("own") and not (smol_own / DOWN_FILE).exists()
+    r = json.loads(_cli("sketch", smol_own, "--keep", "0.5", "--json").stdout)
+    assert r["bits"] == 4 and not r.get("own") and not r["rewritten"] and r["keep"] == 0.5

@@ -131,7 +131,7 @@ def calibrate(
 @friendly
 def sketch(
     path: FlashDirArg,
-    bits: Annotated[int | None, typer.Option("--bits", help="Bits per weight of the sketch: 2, 3, 4 or 8 (MLX affine groups of 64 along d_model). 8: the sketch's act(gate)*up is also each chosen neuron's value, and only its down row is read and cached (float records). Default: an existing sketch's bits, else 8 for float records without biases, else 4. Where a down row is smaller than a block, 8 also writes down.bin: the down rows again, a layer's one after another (a third of the FFN on disk).")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", help="Bits per weight of the sketch: 2, 3, 4 or 8 (MLX affine groups of 64 along d_model). 8: the sketch's act(gate)*up is also each chosen neuron's value, and only its down row is read and cached (float records). Default: an existing sketch's kind; else, for a quantized dir without FFN biases, no copy: its own gate/up rows stay resident as the values; else 8 for float records without biases, else 4. Where a down row is smaller than a block, values mode also writes down.bin: the down rows again, a layer's one after another (a third of the FFN on disk).")] = None,
     keep: Annotated[float, typer.Option("--keep", min=0.01, max=1.0, help="Share of each layer's neurons a token computes (its top ones by the sketch's |act(gate)*up|). Only this is rewritten when a sketch of these bits exists.")] = 0.6,
     as_json: JsonOpt = False,
 ):
@@ -139,9 +139,11 @@ def sketch(
     every neuron is active (SiLU/GELU). Per token it ranks the neurons and only the top --keep
     share is read and computed exactly (4-bit), or, 8-bit, its own act(gate)*up is their value
     and only their down rows are read: a third of each record (from down.bin, a copy of the
-    down rows, where they are smaller than a block). No data or training; it stays
-    in memory (4-bit: 19% of the FFN's float16 bytes, 8-bit: 35%), and `auto` runs it where
-    the --memory budget has room and it is expected to read less."""
+    down rows, where they are smaller than a block). A quantized dir's own gate/up rows are
+    its values sketch: they stay resident and only down rows are read. No data or training; it
+    stays in memory (4-bit: 19% of the FFN's float16 bytes, 8-bit: 35%; a quantized dir's own
+    rows: 2/3 of its FFN), and `auto` runs it where the --memory budget has room and it is
+    expected to read less."""
     from .. import format as fmt
     from ..sketch import VALUE_BITS, sketch_bytes, write_sketch
 
@@ -152,13 +154,15 @@ def sketch(
         typer.echo(json.dumps(r))
         return
     what = "wrote" if r["rewritten"] else "kept (new --keep only)"
-    values = ", its values (down rows read)" if r["bits"] >= VALUE_BITS else ""
-    typer.echo(f"{what} {r['path']}: {r['bits']}-bit, {format_bytes(r['memory_bytes'])} in "
+    own = bool(r.get("own"))
+    values = ", its values (down rows read)" if own or r["bits"] >= VALUE_BITS else ""
+    kind = f"its own {r['bits']}-bit gate/up rows" if own else f"{r['bits']}-bit"
+    typer.echo(f"{what} {r['path']}: {kind}, {format_bytes(r['memory_bytes'])} in "
                f"memory, top {r['keep']:.0%} of each layer's neurons per token{values}")
     if isinstance(down := r.get("down"), dict):
         typer.echo(f"wrote {m.path / down['file']}: the down rows again, a layer's one after "
                    f"another (a token's rows share blocks), {format_bytes(down['bytes'])} on disk")
-    if m.packed and m.record_bytes < m.alignment and r["bits"] < VALUE_BITS:
+    if m.packed and m.record_bytes < m.alignment and not values:
         typer.echo(f"note: this dir's {m.record_bytes}-byte records share {m.alignment}-byte "
                    "blocks, so a token's scattered choice reads most blocks and `auto` keeps "
                    "the exact path; `mlx-flash convert --layout aligned` gives each record its "
