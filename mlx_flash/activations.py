@@ -77,6 +77,18 @@ def numpy_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda z: np.array(fn(mx.array(z)))
 
 
+def oracle_cut(name: str) -> float:
+    """Where the exact oracle cuts an exactly sparse activation's input z (a neuron is read where
+    z > the cut): 0 for ReLU (rounding never flips z's sign far from 0, and a flip near it changes
+    a value of ~0), FATReLU's t less 1% of it (the oracle's z and the compute's differ by a few
+    rounding steps, and a neuron just past t is worth t * up: read it; the compute cuts at t)."""
+    name = canonical(name)
+    if name.startswith(FATRELU):
+        t = _threshold(name)
+        return t - 0.01 * abs(t)
+    return 0.0
+
+
 def is_exact_sparse(name: str) -> bool:
     """Whether inactive neurons are exact zeros (ReLU, FATReLU): the oracle's active set is
     exact."""

@@ -210,9 +210,11 @@ class FlashMLP(nn.Module):
         else:
             w_in, b_in = self._oracle
             z = x @ w_in.T
-            # the first row part's activation is zero (ReLU: z <= 0, FATReLU: z <= t); a gate
-            # past it whose product is zero anyway (dReLU's up <= 0) is read all the same
-            mask = self._rt.act(z + b_in if b_in is not None else z) != 0
+            # the first row part's activation is zero below the cut (ReLU: z <= 0, FATReLU:
+            # z <= t, a margin below); a gate past it whose product is zero anyway (dReLU's
+            # up <= 0) is read all the same
+            z = z + b_in if b_in is not None else z
+            mask = z > self._rt.cut
         # The one device->host sync of the layer: the read plan needs the ids on the CPU.
         return np.flatnonzero(np.array(mx.any(mask, axis=0)))
 

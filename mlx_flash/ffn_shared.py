@@ -39,6 +39,7 @@ class FlashRuntime:
         self.window = window
         self.act = activations.mlx_fn(act)
         self.exact_sparse = activations.is_exact_sparse(act)
+        self.cut = activations.oracle_cut(act) if self.exact_sparse else 0.0  # the oracle's
         # the overflow's runs read whole from this share wanted; sketch mode reads its top share
         # only (the neurons it leaves out are what it saves)
         self.bridge_density = 1.0 if mode == "sketch" else BRIDGE_DENSITY

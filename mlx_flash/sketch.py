@@ -105,10 +105,11 @@ class Sketch:
 
 
 def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAULT_KEEP,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, own: bool = False) -> dict:
     """Write `sketch.safetensors` into a flash dir (atomically, with a `sketch` manifest entry)
     from its records; an existing sketch of the same bits only gets the new `keep`. `bits`:
-    where None, an existing sketch's, else `default_bits`."""
+    where None, an existing sketch's, else `default_bits`. `own`: a quantized dir's own gate/up
+    rows as the values (the default for one without a sketch)."""
     m = fmt.read_manifest(path)
     entry = m.extra.get("sketch")
     if m.experts:
@@ -116,6 +117,10 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
                          "experts exactly)")
     if not 0.0 < keep <= 1.0:
         raise FlashError(f"--keep {keep}: a share of each layer's neurons in (0, 1]")
+    if own:
+        if bits is not None:
+            raise FlashError("--own keeps the dir's own rows: leave --bits out")
+        return _write_own(m, keep, progress)
     if bits is None:  # an existing sketch keeps its kind, else the default one
         made = entry if isinstance(entry, dict) and has_sketch(m) else {}
         if made.get("own") or (not made and own_values(m)):
@@ -138,6 +143,7 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
     names = [p.name for p in spec.row_parts]
     tensors = {}
     rows = DownRows(m) if down else None
+    partial = None
     try:
         with open(m.ffn_path, "rb") as f:
             for layer in tqdm(range(m.num_layers), desc="sketch", unit="layer",
@@ -158,10 +164,14 @@ def write_sketch(path: str | Path, bits: int | None = None, keep: float = DEFAUL
                  "parts": names, "bytes": partial.stat().st_size, "crc32": crc}
         if rows is not None:  # complete before the manifest names it (its bytes are the records')
             entry["down"] = rows.finish()
+        fmt.update_manifest(m.path, with_file=(partial, file), sketch=entry)
+    except BaseException:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise
     finally:
         if rows is not None:
             rows.discard()
-    fmt.update_manifest(m.path, with_file=(partial, file), sketch=entry)
     if rows is None:  # a sketch that reads whole records: an earlier one's down rows go
         (m.path / DOWN_FILE).unlink(missing_ok=True)
     return {**entry, "path": str(file), "rewritten": True}
@@ -178,7 +188,7 @@ def _write_own(m: fmt.Manifest, keep: float, progress: bool) -> dict:
     the manifest entry and, where a down row is smaller than a block, `down.bin`)."""
     if not own_values(m):
         raise FlashError(f"{m.path}: its own gate/up rows are the values only in a quantized "
-                         "dir without FFN biases: use --bits 4")
+                         "dir without FFN biases: use --bits 4 or 8")
     spec = models.flash_spec(m.architecture)
     q = m.part_quantization(spec.row_parts[0])
     entry = m.extra.get("sketch")
@@ -307,9 +317,10 @@ def _load_own(m: fmt.Manifest, entry: dict, spec, act_name: str,
 def _check_values(m: fmt.Manifest) -> None:
     """An 8-bit sketch stands in for float gate/up rows without biases (values mode)."""
     if m.quantization is not None:
+        how = (f"`mlx-flash sketch {m.path} --own` makes its own gate/up rows the values"
+               if own_values(m) else "use --bits 4")
         raise FlashError(f"{m.path}: an {VALUE_BITS}-bit sketch supplies the values of float "
-                         f"records; this dir is {m.quantization.bits}-bit: `mlx-flash sketch "
-                         f"{m.path}` without --bits makes its own gate/up rows the values")
+                         f"records; this dir is {m.quantization.bits}-bit: {how}")
     if any(p.bias for p in m.parts):
         raise FlashError(f"{m.path}: an {VALUE_BITS}-bit sketch supplies gate/up values without "
                          "biases; this model's FFN has biases: use --bits 4")
@@ -363,7 +374,7 @@ def sketch_bytes(m: fmt.Manifest, planned: bool = False, bits: int | None = None
     if planned:
         own = (own_values(m) and bits is None) if own is None else own
     else:
-        own = bool(entry.get("own"))
+        own = bool(entry.get("own")) and own_values(m)  # else load_sketch says what is wrong
     if own:
         q = m.part_quantization(spec.row_parts[0])
         bits, group = q.bits, q.group_size

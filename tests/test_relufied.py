@@ -123,3 +123,18 @@ def test_bad_threshold_is_one_line(tmp_path, case):
     with pytest.raises((FlashError, ValueError), match="fatrelu_<threshold>"):
         load_model(path)
 
+
+
+def test_fatrelu_only_where_its_threshold_is_read():
+    """A model file that does not read `hidden_act_param` refuses FATReLU instead of running it
+    at threshold 0; the oracle reads a neuron from 1% below the threshold (rounding margin)."""
+    from mlx_flash import activations
+    from mlx_flash.models import qwen2
+
+    args = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                vocab_size=512, hidden_act="fatrelu")
+    with pytest.raises(ValueError, match="Llama checkpoints only"):
+        qwen2.ModelArgs.from_dict(args)
+    assert activations.oracle_cut("fatrelu_0.01") == pytest.approx(0.0099)
+    assert activations.oracle_cut("relu") == 0.0

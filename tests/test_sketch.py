@@ -405,8 +405,14 @@ def test_quantized_dir_values_are_its_own_rows(smol_own):
 
 def test_quantized_dir_sketch_kinds(smol_own):
     """A 4-bit sketch written over a dir's own rows removes down.bin; without --bits the kind a
-    dir has is kept (a new --keep only)."""
+    dir has is kept (a new --keep only); --own goes back to the own rows."""
     r = json.loads(_cli("sketch", smol_own, "--bits", "4", "--json").stdout)
     assert r["rewritten"] and not r.get("own") and not (smol_own / DOWN_FILE).exists()
     r = json.loads(_cli("sketch", smol_own, "--keep", "0.5", "--json").stdout)
     assert r["bits"] == 4 and not r.get("own") and not r["rewritten"] and r["keep"] == 0.5
+    r = json.loads(_cli("sketch", smol_own, "--own", "--json").stdout)  # back to its own rows
+    assert r["own"] and r["rewritten"] and not (smol_own / SKETCH_FILE).exists()
+    assert (smol_own / DOWN_FILE).stat().st_size == r["down"]["bytes"]
+    bad = _cli("sketch", smol_own, "--own", "--bits", "4", check=False)
+    assert bad.returncode == 1 and "leave --bits out" in bad.stderr and "Traceback" not in (
+        bad.stderr)

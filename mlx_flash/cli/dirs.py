@@ -133,6 +133,7 @@ def sketch(
     path: FlashDirArg,
     bits: Annotated[int | None, typer.Option("--bits", help="Bits per weight of the sketch: 2, 3, 4 or 8 (MLX affine groups of 64 along d_model). 8: the sketch's act(gate)*up is also each chosen neuron's value, and only its down row is read and cached (float records). Default: an existing sketch's kind; else, for a quantized dir without FFN biases, no copy: its own gate/up rows stay resident as the values; else 8 for float records without biases, else 4. Where a down row is smaller than a block, values mode also writes down.bin: the down rows again, a layer's one after another (a third of the FFN on disk).")] = None,
     keep: Annotated[float, typer.Option("--keep", min=0.01, max=1.0, help="Share of each layer's neurons a token computes (its top ones by the sketch's |act(gate)*up|). Only this is rewritten when a sketch of these bits exists.")] = 0.6,
+    own: Annotated[bool, typer.Option("--own", help="Quantized dirs without FFN biases: their own gate/up rows stay resident as the values (no copy; the default where the dir has no sketch yet). Back to them after a --bits sketch.")] = False,
     as_json: JsonOpt = False,
 ):
     """Write the low-bit sketch of a gated FFN's gate/up rows: the predictor of models whose
@@ -147,7 +148,7 @@ def sketch(
     from .. import format as fmt
     from ..sketch import VALUE_BITS, sketch_bytes, write_sketch
 
-    r = write_sketch(path, bits=bits, keep=keep, progress=not as_json)
+    r = write_sketch(path, bits=bits, keep=keep, progress=not as_json, own=own)
     m = fmt.read_manifest(path)
     r["memory_bytes"] = sketch_bytes(m)
     if as_json:
@@ -159,7 +160,7 @@ def sketch(
     kind = f"its own {r['bits']}-bit gate/up rows" if own else f"{r['bits']}-bit"
     typer.echo(f"{what} {r['path']}: {kind}, {format_bytes(r['memory_bytes'])} in "
                f"memory, top {r['keep']:.0%} of each layer's neurons per token{values}")
-    if isinstance(down := r.get("down"), dict):
+    if isinstance(down := r.get("down"), dict) and r["rewritten"]:
         typer.echo(f"wrote {m.path / down['file']}: the down rows again, a layer's one after "
                    f"another (a token's rows share blocks), {format_bytes(down['bytes'])} on disk")
     if m.packed and m.record_bytes < m.alignment and not values:

@@ -65,9 +65,12 @@ def check_args(args, model: str, activation: str = "hidden_act",
     """ValueError naming the config field: an activation we do not implement, or a feature
     (`unsupported` fields) that is set but that mlx-lm's model lacks."""
     try:
-        activations.canonical(getattr(args, activation))
+        name = activations.canonical(getattr(args, activation))
     except ValueError as e:
         raise ValueError(f"{model} {activation}: {e}") from None
+    if name.startswith(activations.FATRELU) and not hasattr(args, "hidden_act_param"):
+        raise ValueError(f"{model} {activation}: FATReLU (ProSparse) is supported for Llama "
+                         "checkpoints only")
     for field in unsupported:
         if getattr(args, field):
             raise ValueError(f"{model} {field}: not supported (it is {getattr(args, field)!r})")
