@@ -309,17 +309,18 @@ class FlashMLP(nn.Module):
         self.cache.slide(self._step, rt.window)
         self._step += 1
         cache_io_s = reader.delta(before).seconds
+        h_cached = h[:, mx.array(self.cache.ids())]
         if m.quantization is None:
             down = self.cache.part_weights(m.mx_dtype)[0]  # (num_used, d)
-            y = _times(h[:, mx.array(self.cache.ids())], down).astype(mx.float32)
+            y = _times(h_cached, down).astype(mx.float32)
         else:  # (packed, scales, biases) of the down rows
             w, s_, b = self.cache.part_weights()
-            y = self._down_q(h[:, mx.array(self.cache.ids())], w.view(mx.uint32),
-                             s_.view(m.mx_dtype), b.view(m.mx_dtype))
+            y = self._down_q(h_cached, w.view(mx.uint32), s_.view(m.mx_dtype), b.view(m.mx_dtype))
         streamed_s = 0.0
         if len(overflow):  # beyond the cache: read a buffer's worth at a time, computed at once
             t2 = time.perf_counter()
             lo, hi = rt.down_span
+            part = dataclasses.replace(self._column_part, offset=lo)  # in what the reader reads
             rows = len(rt.down_stage)
             for a in range(0, len(overflow), rows):
                 piece = overflow[a : a + rows]
@@ -329,7 +330,6 @@ class FlashMLP(nn.Module):
                     column = mx.array(np.ascontiguousarray(out[:, lo:hi])).view(m.mx_dtype)
                     y = y + _times(h[:, mx.array(piece)], column).astype(mx.float32)
                 else:
-                    part = dataclasses.replace(self._column_part, offset=lo)
                     y = y + self._down_q(h[:, mx.array(piece)], *m.part_arrays(out, part))
                 mx.eval(y)  # the buffer is read into again by the next piece
             streamed_s = time.perf_counter() - t2

@@ -8,6 +8,7 @@ step"), or, for a mixture of experts, whose `SwitchGLU`s are `FlashExperts` (moe
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import mlx.core as mx
@@ -383,11 +384,10 @@ def _planned_sketch_rows(m: Manifest, budget: Budget, values: bool, bits: int,
     not yet made: its memory out of the caches, and in values mode (its rows are down rows) the
     second reader's buffers."""
     other = sketch_bytes(m, planned=True, bits=bits, own=own)
-    if not values:
-        return budget.capacity_with(other)
-    row, scratch = values_costs(m)
-    return max(0, min(m.ffn_dim, (budget.free_for_cache - other - scratch)
-                      // (m.num_layers * row)))
+    if values:
+        row, scratch = values_costs(m)
+        budget = dataclasses.replace(budget, neuron_bytes=row, buffers=budget.buffers + scratch)
+    return budget.capacity_with(other)
 
 
 def predicted_saving(m: Manifest, capacity: int) -> float | None:

@@ -31,6 +31,7 @@ from . import format as fmt
 from .down_rows import DOWN_FILE, DownRows, column_span, down_problem, needs_down_file
 from .errors import FlashError, FormatError
 from .memory import NEURON_BOOKKEEPING, stream_rows
+from .storage import FlashReader, aligned_empty
 from .tensors import load_uncached, write_partial_safetensors
 
 SKETCH_FILE = "sketch.safetensors"
@@ -231,18 +232,17 @@ def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> li
     if not has_sketch(m):
         raise FlashError(f"no sketch in {m.path}: run `mlx-flash sketch {m.path}`")
     spec = models.flash_spec(m.architecture)
-    if entry.get("own"):
-        return _load_own(m, entry, spec, act_name, keep)
-    bits, group = entry.get("bits"), entry.get("group_size")
     keep = entry.get("keep", DEFAULT_KEEP) if keep is None else keep
-    if bits not in BITS or group not in (32, 64) or m.d_model % group:
-        raise FormatError(fmt.MANIFEST, "sketch", f"bits {bits}, group_size {group}", fix)
     if not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
         raise FormatError(fmt.MANIFEST, "sketch.keep", f"{keep} is not in (0, 1]", fix)
+    if entry.get("own"):
+        return _load_own(m, entry, spec, act_name, float(keep))
+    bits, group = entry.get("bits"), entry.get("group_size")
+    if bits not in BITS or group not in (32, 64) or m.d_model % group:
+        raise FormatError(fmt.MANIFEST, "sketch", f"bits {bits}, group_size {group}", fix)
     if bits >= VALUE_BITS:
         _check_values(m)
-        if needs_down_file(m) and (problem := down_problem(m, entry)):
-            raise FormatError(fmt.MANIFEST, "sketch.down", problem, fix)
+        _check_down(m, entry)
     try:
         header, _ = fmt.read_safetensors_header(file, SKETCH_FILE)
     except FormatError as e:
@@ -272,20 +272,16 @@ def load_sketch(m: fmt.Manifest, act_name: str, keep: float | None = None) -> li
     for i in range(m.num_layers):
         parts = {}
         for p in spec.row_parts:
-            w, s, b = (tensors[f"layers.{i}.{p.name}.{k}"] for k in ("weight", "scales", "biases"))
-            parts[p.name] = (w, s.astype(wide), b.astype(wide)) if wide else (w, s, b)
+            parts[p.name] = _held(*(tensors[f"layers.{i}.{p.name}.{k}"]
+                                    for k in ("weight", "scales", "biases")), wide)
         out.append(Sketch(parts, spec, act, float(keep), bits, group))
     return out
 
 
-def _load_own(m: fmt.Manifest, entry: dict, spec, act_name: str,
-              keep: float | None) -> list[Sketch]:
+def _load_own(m: fmt.Manifest, entry: dict, spec, act_name: str, keep: float) -> list[Sketch]:
     """A quantized dir's own gate/up rows as its values sketch, read from the records around
     the page cache (as the resident weights are)."""
-    from .storage import FlashReader, aligned_empty
-
     fix = FIX.format(dir=m.path)
-    keep = entry.get("keep", DEFAULT_KEEP) if keep is None else keep
     if not own_values(m):
         raise FormatError(fmt.MANIFEST, "sketch.own", "set for a dir whose records are float or "
                           "have biases", fix)
@@ -294,10 +290,7 @@ def _load_own(m: fmt.Manifest, entry: dict, spec, act_name: str,
         raise FormatError(fmt.MANIFEST, "sketch", f"bits {entry.get('bits')}, group_size "
                           f"{entry.get('group_size')}, not the records' {q.bits}, "
                           f"{q.group_size}", fix)
-    if not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise FormatError(fmt.MANIFEST, "sketch.keep", f"{keep} is not in (0, 1]", fix)
-    if needs_down_file(m) and (problem := down_problem(m, entry)):
-        raise FormatError(fmt.MANIFEST, "sketch.down", problem, fix)
+    _check_down(m, entry)
     act, wide = activations.mlx_fn(act_name), _scale_dtype(m)
     _, buf = aligned_empty(1, m.layer_bytes, m.alignment)
     out = []
@@ -306,12 +299,22 @@ def _load_own(m: fmt.Manifest, entry: dict, spec, act_name: str,
             reader.read_range(m.layer_offset(i), m.layer_bytes, buf)
             records = buf.reshape(-1)[: m.ffn_dim * m.record_bytes].reshape(m.ffn_dim, -1)
             parts = {}
-            for p in spec.row_parts:
-                w, s, b = m.part_arrays(records, m.part(p.name))  # copies: buf is read again
-                parts[p.name] = (w, s.astype(wide), b.astype(wide)) if wide else (w, s, b)
+            for p in spec.row_parts:  # copies: buf is read into again
+                parts[p.name] = _held(*m.part_arrays(records, m.part(p.name)), wide)
             mx.eval(parts)
-            out.append(Sketch(parts, spec, act, float(keep), q.bits, q.group_size, values=True))
+            out.append(Sketch(parts, spec, act, keep, q.bits, q.group_size, values=True))
     return out
+
+
+def _held(w: mx.array, scales: mx.array, biases: mx.array, wide: mx.Dtype | None) -> tuple:
+    """A sketch part as it is held: the scales and biases in `wide` where given (`_scale_dtype`)."""
+    return (w, scales.astype(wide), biases.astype(wide)) if wide else (w, scales, biases)
+
+
+def _check_down(m: fmt.Manifest, entry: dict) -> None:
+    """A values sketch's down.bin, where it needs one, matches the dir (one FormatError)."""
+    if needs_down_file(m) and (problem := down_problem(m, entry)):
+        raise FormatError(fmt.MANIFEST, "sketch.down", problem, FIX.format(dir=m.path))
 
 
 def _check_values(m: fmt.Manifest) -> None:
